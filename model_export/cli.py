@@ -1,0 +1,174 @@
+"""``python -m model_export``: train (and export, verify) an artifact, evaluate it, check it, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .config import TrainConfig, load_config
+from .errors import UserError
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="a folder with train/test .csv/.tsv/.jsonl files, or one such file")
+    parser.add_argument("--text-column", default="text", help="column holding the sentence (default: text)")
+    parser.add_argument("--label-column", default="label", help="column holding the class (default: label)")
+    parser.add_argument("--test-fraction", type=float, help="with one file: the share held out as the test split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train, evaluate, export to ONNX and verify: writes an artifact folder")
+    _add_data_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="artifact folder to write, e.g. models/banking77/1")
+    train.add_argument("--name", help="model name in the manifest (default: the --out parent folder's name)")
+    train.add_argument("--config", type=Path, help="JSON or TOML file of hyperparameters")
+    train.add_argument("--limit", type=int, help="train on a stratified sample of about N training rows (quick runs)")
+    train.add_argument("--force", action="store_true", help="replace --out if it exists")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    hyper = train.add_argument_group("hyperparameters (override --config)")
+    for field in fields(TrainConfig):
+        kind = {bool: lambda v: v, int: int, float: float}[type(field.default)]
+        hyper.add_argument(f"--{field.name.replace('_', '-')}", dest=f"hp_{field.name}", type=kind, metavar="V",
+                           help=f"default {field.default}")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and macro-F1 of an artifact on a dataset's test split")
+    evaluate.add_argument("artifact", type=Path)
+    _add_data_arguments(evaluate)
+
+    check = commands.add_parser("check", help="check an artifact folder against the contract (files, hashes, shapes)")
+    check.add_argument("artifact", type=Path)
+
+    bench = commands.add_parser("bench", help="onnxruntime sentences/s at batch 1 and 64, grouped or not, 1-2 threads")
+    bench.add_argument("artifact", type=Path)
+    _add_data_arguments(bench)
+    bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
+    return parser
+
+
+def _load(args):
+    from .data import load_dataset
+
+    return load_dataset(args.data, args.text_column, args.label_column, args.test_fraction)
+
+
+def _require_artifact(folder: Path) -> dict:
+    from .artifact import SERVING_FILES
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such artifact folder")
+    missing = [name for name in (*SERVING_FILES, "manifest.json") if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder}: missing {', '.join(missing)}")
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UserError(f"{folder / 'manifest.json'}: not valid JSON ({error})") from None
+
+
+def command_train(args) -> None:
+    from .data import stratified_split
+    from .pipeline import build_artifact, check_output_folder
+
+    overrides = {f.name: getattr(args, f"hp_{f.name}") for f in fields(TrainConfig)}
+    config = load_config(args.config, overrides)
+    check_output_folder(args.out, args.force)
+    dataset = _load(args)
+    if args.limit is not None:
+        if args.limit < 2 * len(set(dataset.train.labels)):
+            raise UserError(f"--limit must be at least twice the number of classes ({len(set(dataset.train.labels))})")
+        if args.limit < len(dataset.train):
+            _, dataset.train = stratified_split(dataset.train.texts, dataset.train.labels,
+                                                args.limit / len(dataset.train), config.seed, "--limit")
+    name = args.name or args.out.resolve().parent.name
+    info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
+            "licence": _licence(Path(args.data))}
+    build_artifact(dataset, config, args.out, name, args.out.name, info, progress=not args.no_progress)
+
+
+def _licence(data: Path) -> str:
+    """The dataset's licence, read from a README beside it (first line naming one), else 'unknown'."""
+    folder = data if data.is_dir() else data.parent
+    readme = folder / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "licen" in line.lower() and "attribution" in line.lower():
+                return line.split(":", 1)[-1].strip().rstrip(".")
+    return "unknown"
+
+
+def command_evaluate(args) -> None:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .export import onnx_predict, session
+    from .tokenizer import encode
+
+    manifest = _require_artifact(args.artifact)
+    labels = json.loads((args.artifact / "labels.json").read_text(encoding="utf-8"))
+    test = _load(args).test
+    unknown = sorted(set(test.labels) - set(labels))
+    if unknown:
+        raise UserError(f"test labels not known to the model: {', '.join(unknown[:5])}")
+    tokenizer = Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
+    sequences = encode(tokenizer, test.texts, manifest["max_length"])
+    predictions = onnx_predict(session(args.artifact / "model.onnx", threads=2), sequences, manifest["pad_id"]).argmax(1)
+    index = {label: i for i, label in enumerate(labels)}
+    from .report import test_metrics
+
+    metrics, report = test_metrics(np.array([index[label] for label in test.labels]), predictions, labels)
+    print(report)
+    print(json.dumps({"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+                      "rows": len(test)}))
+
+
+def command_check(args) -> None:
+    from .artifact import check_hashes
+    from .export import session
+
+    manifest = _require_artifact(args.artifact)
+    problems = check_hashes(args.artifact)
+    labels = json.loads((args.artifact / "labels.json").read_text(encoding="utf-8"))
+    if len(labels) != manifest["num_classes"]:
+        problems.append(f"labels.json has {len(labels)} classes, manifest says {manifest['num_classes']}")
+    if not problems:
+        sess = session(args.artifact / "model.onnx")
+        names = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+        if names != (["input_ids", "lengths"], ["probabilities"]):
+            problems.append(f"model inputs/outputs are {names}, expected (['input_ids', 'lengths'], ['probabilities'])")
+        classes = sess.get_outputs()[0].shape[1]
+        if classes != manifest["num_classes"]:
+            problems.append(f"model outputs {classes} classes, manifest says {manifest['num_classes']}")
+    if problems:
+        raise UserError(f"{args.artifact}: " + "; ".join(problems))
+    print(f"{args.artifact}: ok ({manifest['name']} v{manifest['version']}, {manifest['num_classes']} classes)")
+
+
+def command_bench(args) -> None:
+    from .bench import bench
+
+    _require_artifact(args.artifact)
+    rows = bench(args.artifact, _load(args).test.texts, seconds=args.seconds)
+    print("| threads | batch | length-grouped | sentences/s |\n|---:|---:|:---:|---:|")
+    for row in rows:
+        print(f"| {row['threads']} | {row['batch']} | {'yes' if row['grouped'] else 'no'} | {row['sentences_per_s']:,} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"train": command_train, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
+            args.command
+        ](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,2 @@
+class UserError(Exception):
+    """A problem with the user's input: the CLI prints its message on one line and exits 2."""

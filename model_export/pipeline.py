@@ -1,0 +1,108 @@
+"""From a dataset to a verified artifact folder: the whole training path in one function."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import tokenizers
+import torch
+
+from . import artifact
+from .config import TrainConfig
+from .data import Dataset, stratified_split
+from .errors import UserError
+from .export import OPSET, export_onnx, onnx_predict, session, verify
+from .report import plot_confusion_matrix, plot_training_curve, test_metrics
+from .tokenizer import PAD, UNK, encode, fit_tokenizer
+from .train import train
+
+
+def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, version: str,
+                   dataset_info: dict, progress: bool = True, log=print) -> dict:
+    """Train, evaluate on test once, export, verify, and move the finished folder to ``out``. Returns the manifest."""
+    started = time.perf_counter()
+    fit, validation = stratified_split(dataset.train.texts, dataset.train.labels, config.validation_fraction,
+                                       config.seed, "validation")
+    labels = sorted(set(dataset.train.labels))
+    index = {label: i for i, label in enumerate(labels)}
+    tokenizer = fit_tokenizer(fit.texts, config.vocab_size)
+    pad_id, unk_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(UNK)
+    train_ids = encode(tokenizer, fit.texts, config.max_length)
+    val_ids = encode(tokenizer, validation.texts, config.max_length)
+    log(f"data: {len(fit)} train, {len(validation)} validation, {len(dataset.test)} test rows, {len(labels)} classes; "
+        f"vocabulary {tokenizer.get_vocab_size()}; skipped {dataset.skipped_empty} empty text(s)")
+
+    result = train(config, train_ids, [index[label] for label in fit.labels], val_ids,
+                   [index[label] for label in validation.labels], tokenizer.get_vocab_size(), len(labels), pad_id,
+                   progress=progress)
+    log(f"trained in {result.seconds:.0f}s; kept epoch {result.best_epoch} (validation accuracy "
+        f"{result.best_val_accuracy:.4f})")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
+    try:
+        tokenizer.save(str(staging / "tokenizer.json"))
+        artifact.write_json(staging / "labels.json", labels)
+        export_onnx(result.model, staging / "model.onnx")
+
+        # The test split is touched here, once, after the model was chosen on validation.
+        test_ids = encode(tokenizer, dataset.test.texts, config.max_length)
+        checks = verify(result.model, staging / "model.onnx", test_ids)
+        targets = np.array([index[label] for label in dataset.test.labels])
+        predictions = onnx_predict(session(staging / "model.onnx"), test_ids, pad_id).argmax(1)
+        metrics, report = test_metrics(targets, predictions, labels)
+        log(report)
+        plot_confusion_matrix(targets, predictions, labels, staging / "confusion_matrix.png")
+        plot_training_curve(result.history, result.best_epoch, staging / "training_curve.png")
+
+        manifest = {
+            "name": name,
+            "version": version,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": artifact.file_entries(staging),
+            "num_classes": len(labels),
+            "max_length": config.max_length,
+            "pad_id": pad_id,
+            "unk_id": unk_id,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "opset": OPSET,
+            "inputs": {"input_ids": "int64 [batch, seq], right-padded with pad_id", "lengths": "int64 [batch]"},
+            "outputs": {"probabilities": "float32 [batch, num_classes], softmax applied"},
+            "dataset": dataset_info | {"train_rows": len(fit), "validation_rows": len(validation),
+                                       "test_rows": len(dataset.test), "skipped_empty_texts": dataset.skipped_empty},
+            "metrics": metrics,
+            "training": {"config": config.to_dict(), "best_epoch": result.best_epoch,
+                         "best_validation_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 1),
+                         "history": result.history},
+            "verification": checks,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                         "tokenizers": tokenizers.__version__},
+        }
+        artifact.write_json(staging / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; parity "
+        f"{checks['parity_max_abs_diff']:.1e}, batch invariance {checks['batch_invariance_max_abs_diff']:.1e} "
+        f"({checks['batch_invariance_argmax_changes']} argmax changes); wrote {out} in "
+        f"{time.perf_counter() - started:.0f}s")
+    return manifest
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not empty (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")

@@ -1,0 +1,67 @@
+"""Test-split metrics and the two PNGs written next to the artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score  # noqa: E402
+
+
+def test_metrics(targets: np.ndarray, predictions: np.ndarray, labels: list[str]) -> tuple[dict, str]:
+    """(metrics for the manifest, the per-class report as text)."""
+    indices = list(range(len(labels)))
+    report = classification_report(targets, predictions, labels=indices, target_names=labels, digits=3,
+                                    zero_division=0)
+    per_class = classification_report(targets, predictions, labels=indices, target_names=labels,
+                                      output_dict=True, zero_division=0)
+    metrics = {
+        "accuracy": float(accuracy_score(targets, predictions)),
+        "macro_f1": float(f1_score(targets, predictions, labels=indices, average="macro", zero_division=0)),
+        "test_rows": int(len(targets)),
+        "per_class": {
+            label: {key: round(float(per_class[label][key]), 4) for key in ("precision", "recall", "f1-score", "support")}
+            for label in labels
+        },
+    }
+    return metrics, report
+
+
+def plot_confusion_matrix(targets: np.ndarray, predictions: np.ndarray, labels: list[str], path: Path) -> None:
+    matrix = confusion_matrix(targets, predictions, labels=list(range(len(labels))), normalize="true")
+    size = max(6.0, 0.14 * len(labels) + 3)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(labels))
+    fontsize = 8 if len(labels) <= 20 else 4
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test split, row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curve(history: list[dict], best_epoch: int, path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:red", label="train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss", color="tab:red")
+    acc_ax = loss_ax.twinx()
+    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], "s-", color="tab:blue", label="validation accuracy")
+    acc_ax.set_ylabel("validation accuracy", color="tab:blue")
+    acc_ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1)
+    acc_ax.annotate(f"kept: epoch {best_epoch}", (best_epoch, acc_ax.get_ylim()[0]), fontsize=8, xytext=(4, 6),
+                    textcoords="offset points")
+    loss_ax.set_title("Training curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
