@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench loadtest clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -42,15 +42,42 @@ serve: $(VENV)/.serve
 artifact: $(VENV)/.all
 	$(PY) -m model_export train $(DATA) --label-column category --out $(MODEL_DIR)/1 --name banking77 --force
 
-# A small, fast artifact for the tests (a stratified sample, one epoch, a narrow model).
+# A small, fast artifact for the tests (a stratified sample, a few epochs, a narrow model).
 $(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py)
 	$(PY) -m model_export train $(DATA) --label-column category --out $(TEST_ARTIFACT) --name test-model --force \
-		--limit 1600 --epochs 1 --embedding-dim 32 --hidden-size 32 --vocab-size 800 --threads 1 --no-progress
+		--limit 1600 --epochs 4 --learning-rate 0.01 --embedding-dim 32 --hidden-size 32 --vocab-size 800 --threads 1 --no-progress
 
 test-artifact: $(TEST_ARTIFACT)/manifest.json
 
 test: $(VENV)/.all test-artifact
 	$(PY) -m pytest -q
+
+# Load testing and benchmarks (README, "Load testing & benchmarks").
+LOADTEST_HOST ?= http://$(HOST):$(PORT)
+LOADTEST_USERS ?= 64
+LOADTEST_TIME ?= 30s
+BENCH_ARGS ?=
+
+$(VENV)/.load: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[load]'
+	touch $@
+
+# wrk (a Debian package) is the harness's closed-loop generator; without it the harness uses Locust.
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; }; } \
+		|| echo "wrk not installed (needs apt-get as root): the harness falls back to Locust"
+
+# Starts every configuration itself on 127.0.0.1 (server on core 0, load on core 1); about 6 minutes.
+bench: $(VENV)/.all bench-tools
+	$(PY) -m loadtest.bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+
+# Headless Locust against a service that is already running (make serve); reports in loadtest/reports/.
+loadtest: $(VENV)/.load
+	@mkdir -p loadtest/reports
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) \
+		-t $(LOADTEST_TIME) --host $(LOADTEST_HOST) --only-summary --exit-code-on-error 1 \
+		--html loadtest/reports/report.html --csv loadtest/reports/locust
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,6 +55,7 @@ def plot_training_curve(history: list[dict], best_epoch: int, path: Path) -> Non
     fig, loss_ax = plt.subplots(figsize=(7, 4))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:red", label="train loss")
     loss_ax.set_xlabel("epoch")
+    loss_ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     loss_ax.set_ylabel("train loss", color="tab:red")
     acc_ax = loss_ax.twinx()
     acc_ax.plot(epochs, [h["val_accuracy"] for h in history], "s-", color="tab:blue", label="validation accuracy")
