@@ -1,0 +1,318 @@
+"""Dynamic batching: one asyncio task owns the queue and turns many queued sentences into few model runs.
+
+Rules (see DESIGN.md): when the runtime is idle, whatever is queued runs at once (no idle wait); while a
+batch runs, the next one gathers. A batch starts from the oldest queued sentence (so nothing starves) and
+fills with the queued sentences nearest its length, while it stays within ``max_batch_size`` sentences,
+``max_batch_tokens`` padded tokens (longest x count) and ``max_padding_ratio`` padded/real tokens. The
+model runs in a worker thread. A request whose deadline passed, whose client left or whose other
+sentences failed is never run. A failing run fails only the requests in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import new_error_id
+
+log = logging.getLogger("service.batcher")
+
+
+class QueueFull(Exception):
+    """The queue cannot take every sentence of the request: refuse it whole (503)."""
+
+
+class Closed(Exception):
+    """The batcher is draining or stopped: no new work (503)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request was not answered in time; its queued sentences were dropped (504)."""
+
+
+class Disconnected(Exception):
+    """The client went away; its queued sentences were dropped."""
+
+
+class BatchFailed(Exception):
+    """The model run holding one of the request's sentences raised; ``error_id`` is in the log line (500)."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(error_id)
+        self.error_id = error_id
+
+
+class BatchMetrics(Protocol):
+    def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def observe_queue_wait(self, seconds: float) -> None: ...
+    def reject(self, reason: str) -> None: ...
+
+
+class Job:
+    """One request: its sentences resolve ``future`` together, in input order."""
+
+    __slots__ = ("future", "results", "remaining", "deadline", "request_id")
+
+    def __init__(self, future: asyncio.Future, count: int, deadline: float, request_id: str | None) -> None:
+        self.future = future
+        self.results: list[Any] = [None] * count
+        self.remaining = count
+        self.deadline = deadline
+        self.request_id = request_id
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Item:
+    """One queued sentence."""
+
+    __slots__ = ("job", "index", "ids", "length", "enqueued", "taken")
+
+    def __init__(self, job: Job, index: int, ids: list[int], enqueued: float) -> None:
+        self.job, self.index, self.ids, self.length = job, index, ids, len(ids)
+        self.enqueued = enqueued
+        self.taken = False
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 4096
+    max_padding_ratio: float = 1.3
+    max_wait_ms: float = 0.0
+    max_queue_size: int = 4096
+    timeout_s: float = 10.0
+
+
+class Batcher:
+    def __init__(self, run: Callable[[list[list[int]]], Sequence[Any]], limits: BatchLimits,
+                 metrics: BatchMetrics | None = None, executor: ThreadPoolExecutor | None = None) -> None:
+        self._run_model = run
+        self.limits = limits
+        self._metrics = metrics
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._own_executor = executor is None
+        self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
+        self._buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
+        self._jobs: deque[Job] = deque()  # arrival order == deadline order (one timeout for all)
+        self._size = 0  # queued items not yet taken (some may belong to finished jobs until discarded)
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+        self.running = 0  # sentences in the batch now in the model
+
+    @property
+    def queue_depth(self) -> int:
+        return self._size
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="batcher-deadlines")
+
+    def submit(self, sequences: list[list[int]], request_id: str | None = None) -> Job:
+        """Queue every sentence of one request, or none of them (``QueueFull`` / ``Closed``)."""
+        if self._closing:
+            raise Closed()
+        if self._size + len(sequences) > self.limits.max_queue_size:
+            if self._metrics:
+                self._metrics.reject("queue_full")
+            raise QueueFull()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        job = Job(loop.create_future(), len(sequences), now + self.limits.timeout_s, request_id)
+        self._jobs.append(job)
+        buckets = self._buckets
+        for index, ids in enumerate(sequences):
+            item = Item(job, index, ids, now)
+            self._fifo.append(item)
+            bucket = buckets.get(item.length)
+            if bucket is None:
+                bucket = buckets[item.length] = deque()
+            bucket.append(item)
+        self._size += len(sequences)
+        self._wakeup.set()
+        return job
+
+    async def run_in_worker(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the model's worker thread (warm-up), in line with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    async def close(self) -> None:
+        """Refuse new work, let queued and running work finish, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    # --- the owner task -------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._size == 0:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.limits.max_wait_ms > 0:
+                await self._let_fill(loop)
+            batch = self._take(loop.time())
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _let_fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Optional: wait up to max_wait_ms after the oldest item's arrival for a fuller batch."""
+        while self._size < self.limits.max_batch_size and not self._closing:
+            oldest = self._oldest(loop.time())
+            if oldest is None:
+                return
+            left = oldest.enqueued + self.limits.max_wait_ms / 1000 - loop.time()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except TimeoutError:
+                return
+
+    def _oldest(self, now: float) -> Item | None:
+        """The oldest item still worth running; discards finished, expired and taken ones on the way."""
+        fifo = self._fifo
+        while fifo:
+            item = fifo[0]
+            if item.taken:
+                fifo.popleft()
+            elif not self._alive(item, now):
+                fifo.popleft()
+                self._discard(item)
+            else:
+                return item
+        return None
+
+    def _alive(self, item: Item, now: float) -> bool:
+        job = item.job
+        if job.future.done():
+            return False
+        if job.deadline <= now:
+            self._expire(job)
+            return False
+        return True
+
+    def _discard(self, item: Item) -> None:
+        item.taken = True
+        self._size -= 1
+
+    def _expire(self, job: Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(DeadlineExceeded())
+            if self._metrics:
+                self._metrics.reject("deadline_exceeded")
+
+    def _take(self, now: float) -> list[Item]:
+        """Oldest item first, then the nearest lengths, within the size, token and padding limits."""
+        first = self._oldest(now)
+        if first is None:
+            return []
+        limits = self.limits
+        batch = [first]
+        first.taken = True
+        self._size -= 1
+        longest = first.length
+        real = first.length
+        # Nearest lengths first: the same length, then one shorter, one longer, two shorter, ...
+        # A side stops once its next length breaks a limit; farther lengths on that side only do worse.
+        shorter_open, longer_open = True, True
+        distance = 0
+        max_distance = max(max(self._buckets) - first.length, first.length - 1)
+        while len(batch) < limits.max_batch_size and (shorter_open or longer_open) and distance <= max_distance:
+            for length in ((first.length,) if distance == 0 else (first.length - distance, first.length + distance)):
+                is_longer = length > first.length
+                if (is_longer and not longer_open) or (not is_longer and distance and not shorter_open) or length < 1:
+                    continue
+                bucket = self._buckets.get(length)
+                while bucket and len(batch) < limits.max_batch_size:
+                    item = bucket[0]
+                    if item.taken:
+                        bucket.popleft()
+                        continue
+                    if not self._alive(item, now):
+                        bucket.popleft()
+                        self._discard(item)
+                        continue
+                    new_longest = max(longest, length)
+                    padded = new_longest * (len(batch) + 1)
+                    if padded > limits.max_batch_tokens or padded > limits.max_padding_ratio * (real + length):
+                        if is_longer:
+                            longer_open = False
+                        elif distance:
+                            shorter_open = False
+                        break
+                    bucket.popleft()
+                    item.taken = True
+                    self._size -= 1
+                    batch.append(item)
+                    longest, real = new_longest, real + length
+                if bucket is not None and not bucket:
+                    del self._buckets[length]
+            distance += 1
+        return batch
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
+        started = loop.time()
+        if self._metrics:
+            for item in batch:
+                self._metrics.observe_queue_wait(started - item.enqueued)
+        self.running = len(batch)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_model, [item.ids for item in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"model returned {len(outputs)} results for {len(batch)} sentences")
+        except Exception:
+            error_id = new_error_id()
+            request_ids = sorted({item.job.request_id for item in batch if item.job.request_id})
+            log.exception("model run failed", extra={"fields": {"error_id": error_id, "batch_size": len(batch),
+                                                                 "request_ids": request_ids}})
+            failure = BatchFailed(error_id)
+            for item in batch:
+                item.job.fail(failure)
+            if self._metrics:
+                self._metrics.reject("model_error")
+            return
+        finally:
+            self.running = 0
+        if self._metrics:
+            longest = max(item.length for item in batch)
+            self._metrics.observe_batch(len(batch), sum(item.length for item in batch), longest * len(batch),
+                                        loop.time() - started)
+        for item, output in zip(batch, outputs):
+            job = item.job
+            if job.future.done():
+                continue
+            job.results[item.index] = output
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.future.set_result(job.results)
+
+    async def _sweep(self) -> None:
+        """Answer 504 at the deadline even while a long batch runs; forget finished jobs."""
+        loop = asyncio.get_running_loop()
+        period = min(0.05, self.limits.timeout_s / 4)
+        jobs = self._jobs
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            while jobs and (jobs[0].future.done() or jobs[0].deadline <= now):
+                self._expire(jobs.popleft())

@@ -1,0 +1,130 @@
+"""Request validation (pydantic, strict) and the documented response shapes.
+
+Responses on the hot path are built as plain dicts and serialized with orjson; the response models here
+describe them for /docs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# C0 controls except tab, newline and carriage return; DEL; C1 controls.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_text_chars: int
+    max_texts: int
+    num_classes: int
+
+
+EXAMPLE_TEXT = "I still have not received my new card, I ordered over a week ago."
+
+
+class ClassifyRequest(BaseModel):
+    """Exactly one of ``text`` or ``texts``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"text": EXAMPLE_TEXT},
+        {"texts": [EXAMPLE_TEXT, "How do I top up by card?"], "top_k": 3},
+    ]})
+
+    text: str | None = Field(None, description="one sentence")
+    texts: list[str] | None = Field(None, description="several sentences; answers come back in the same order")
+    top_k: int | None = Field(None, description="how many classes to list in `probabilities` (default: server's)")
+
+    @field_validator("text")
+    @classmethod
+    def _check_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            check_text(value, _limits(info))
+        return value
+
+    @field_validator("texts")
+    @classmethod
+    def _check_texts(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return value
+        limits = _limits(info)
+        if not value:
+            raise PydanticCustomError("empty_texts", "texts must hold at least one text")
+        if len(value) > limits.max_texts:
+            raise PydanticCustomError("too_many_texts", "{count} texts; the limit is {limit} per request",
+                                      {"count": len(value), "limit": limits.max_texts})
+        for text in value:
+            check_text(text, limits)
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _check_top_k(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        if value is not None and not 1 <= value <= limits.num_classes:
+            raise PydanticCustomError("top_k_out_of_range", "top_k must be between 1 and {limit}",
+                                      {"limit": limits.num_classes})
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ClassifyRequest":
+        if (self.text is None) == (self.texts is None):
+            raise PydanticCustomError("text_or_texts", "give exactly one of 'text' or 'texts'")
+        return self
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    if not isinstance(info.context, Limits):
+        raise RuntimeError("ClassifyRequest must be validated with context=Limits(...)")
+    return info.context
+
+
+def check_text(text: str, limits: Limits) -> None:
+    if len(text) > limits.max_text_chars:
+        raise PydanticCustomError("text_too_long", "text has {chars} characters; the limit is {limit}",
+                                  {"chars": len(text), "limit": limits.max_text_chars})
+    if not text.strip():
+        raise PydanticCustomError("empty_text", "text is empty or only whitespace")
+    match = CONTROL.search(text)
+    if match:
+        raise PydanticCustomError("control_character", "text holds control character U+{code} at index {index}",
+                                  {"code": f"{ord(match.group()):04X}", "index": match.start()})
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most likely class")
+    score: float = Field(description="its probability")
+    probabilities: dict[str, float] = Field(description="the top_k classes and their probabilities, most likely first")
+    truncated: bool = Field(description="the text had more tokens than the model's max_length and was cut")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+    model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
+        "model": "banking77", "version": "1",
+        "predictions": [{"label": "card_arrival", "score": 0.93, "truncated": False,
+                         "probabilities": {"card_arrival": 0.93, "card_delivery_estimate": 0.05,
+                                           "lost_or_stolen_card": 0.01}}],
+    }]})
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. invalid_request, queue_full")
+    message: str
+    details: Any = Field(None, description="per-field problems for invalid_request; error_id for model_error")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_details(errors: list[dict]) -> list[dict]:
+    """pydantic's errors without the (possibly huge) input values, JSON-safe."""
+    return [{"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"]} for e in errors]

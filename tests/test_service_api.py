@@ -1,0 +1,239 @@
+"""The HTTP API against a real uvicorn on 127.0.0.1: answers, every bad input, limits, metrics, docs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+TEXT = "I still have not received my new card, I ordered over a week ago."
+
+
+def post(service, body, **kwargs) -> httpx.Response:
+    if isinstance(body, (dict, list)):
+        kwargs["json"] = body
+    else:
+        kwargs["content"] = body
+    return httpx.post(f"{service.url}/classify", timeout=30, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def test_one_text(service):
+    response = post(service, {"text": TEXT}, headers={"X-Request-ID": "req-123"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-123"
+    body = response.json()
+    assert body["model"] == "test-model" and body["version"] == "1"
+    [prediction] = body["predictions"]
+    probabilities = list(prediction["probabilities"].values())
+    assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
+    assert prediction["label"] == next(iter(prediction["probabilities"]))
+    assert prediction["score"] == probabilities[0]
+    assert prediction["truncated"] is False
+
+
+def test_generated_request_id(service):
+    first, second = post(service, {"text": TEXT}), post(service, {"text": TEXT})
+    assert first.headers["x-request-id"] and first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+def test_many_texts_answer_in_order_like_single_requests(service):
+    texts = ["card", "I want a refund for this purchase right now please", "top up", "where is my money " * 5, TEXT]
+    batch = post(service, {"texts": texts, "top_k": 77}).json()["predictions"]
+    single = [post(service, {"text": t, "top_k": 77}).json()["predictions"][0] for t in texts]
+    assert len(batch) == len(texts)
+    for together, alone in zip(batch, single):
+        assert together["label"] == alone["label"]
+        assert max(abs(together["probabilities"][k] - alone["probabilities"][k]) for k in alone["probabilities"]) <= 1e-5
+        assert abs(sum(together["probabilities"].values()) - 1) < 1e-4
+
+
+def test_long_text_is_truncated_and_says_so(service):
+    [long, short] = post(service, {"texts": ["card payment declined " * 80, "card"]}).json()["predictions"]
+    assert long["truncated"] is True and short["truncated"] is False
+
+
+@pytest.mark.parametrize("text", ["My card 💳 never arrived 😡", "أين بطاقتي الجديدة؟", "כרטיס האשראי שלי לא הגיע",
+                                  "我的卡还没到", "カードが届きません", "Где моя карта?", "\t tabs\nand newlines \r"])
+def test_any_script_classifies(service, text):
+    response = post(service, {"text": text})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"]
+
+
+BAD_JSON = [
+    (b'{"text": "unterminated', 400, "malformed_json"),
+    (b"", 400, "malformed_json"),
+    (b'{"text": "caf\xe9"}', 400, "invalid_utf8"),
+    (b'{"text": "\\ud800"}', 400, "malformed_json"),  # a lone surrogate is not text
+]
+BAD_FIELDS = [
+    ({"text": 5}, "string_type"),
+    ({"texts": "one"}, "list_type"),
+    ({"texts": ["ok", 3]}, "string_type"),
+    ({}, "text_or_texts"),
+    ({"text": None}, "text_or_texts"),
+    ({"text": "a", "texts": ["b"]}, "text_or_texts"),
+    ({"text": "a", "colour": "red"}, "extra_forbidden"),
+    ([TEXT], "model_type"),
+    ({"text": ""}, "empty_text"),
+    ({"text": "  \n\t "}, "empty_text"),
+    ({"texts": ["fine", " "]}, "empty_text"),
+    ({"texts": []}, "empty_texts"),
+    ({"text": "a\x00b"}, "control_character"),
+    ({"text": "escape \x1b[31m red"}, "control_character"),
+    ({"text": "bell\x07"}, "control_character"),
+    ({"text": "x" * 2001}, "text_too_long"),
+    ({"texts": ["ok"] * 65}, "too_many_texts"),
+    ({"text": "a", "top_k": 0}, "top_k_out_of_range"),
+    ({"text": "a", "top_k": 78}, "top_k_out_of_range"),
+    ({"text": "a", "top_k": "3"}, "int_type"),
+    ({"text": "a", "top_k": 2.5}, "int_type"),
+    ({"text": "a", "top_k": True}, "int_type"),
+]
+
+
+@pytest.mark.parametrize("body, status, code", BAD_JSON)
+def test_unreadable_body_is_400(service, body, status, code):
+    assert_error(post(service, body, headers={"content-type": "application/json"}), status, code)
+
+
+@pytest.mark.parametrize("body, problem", BAD_FIELDS)
+def test_invalid_request_is_422_naming_the_problem(service, body, problem):
+    error = assert_error(post(service, body), 422, "invalid_request")
+    assert problem in {detail["type"] for detail in error["details"]}, error
+
+
+def test_body_over_limit_is_413_before_parsing(service):
+    huge = b'{"text": "' + b"a" * 1_100_000 + b'"}'
+    error = assert_error(post(service, huge), 413, "body_too_large")
+    assert error["details"]["limit_bytes"] == 1_048_576
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield b"x" * 65536
+
+    assert_error(post(service, chunks()), 413, "body_too_large")
+
+
+def test_the_service_survives_a_declared_but_unsent_huge_body(service):
+    with socket.create_connection(("127.0.0.1", int(service.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 999999999\r\n\r\n{")
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert post(service, {"text": TEXT}).status_code == 200
+
+
+def test_other_routes_and_methods_use_the_error_shape(service):
+    assert_error(httpx.get(f"{service.url}/classify"), 405, "method_not_allowed")
+    assert_error(httpx.get(f"{service.url}/nothing-here"), 404, "not_found")
+
+
+def test_health_ready_model(service):
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{service.url}/readyz").json() == {"status": "ready"}
+    info = httpx.get(f"{service.url}/v1/model").json()
+    assert info["provider"] == "CPUExecutionProvider"
+    assert info["model"]["name"] == "test-model" and len(info["model"]["labels"]) == 77
+    assert info["batching"]["max_batch_size"] == 64 and info["limits"]["max_texts"] == 64
+    assert len(info["model"]["files"]["model.onnx"]) == 64
+
+
+def test_metrics_count_requests_batches_and_rejections(service):
+    before = service.metric("scs_requests_total", endpoint="/classify", status="200")
+    post(service, {"texts": ["card arrived", "refund"]})
+    assert_error(post(service, {"text": ""}), 422)
+    assert service.metric("scs_requests_total", endpoint="/classify", status="200") == before + 1
+    assert service.metric("scs_requests_total", endpoint="/classify", status="422") >= 1
+    for name in ("scs_batch_size_sentences_count", "scs_batch_padded_tokens_count", "scs_batch_padding_ratio_count",
+                 "scs_model_run_seconds_count", "scs_queue_wait_seconds_count", "scs_real_tokens_total",
+                 "scs_padded_tokens_total"):
+        assert service.metric(name) > 0, name
+    text = httpx.get(f"{service.url}/metrics").text
+    for name in ("scs_queue_depth", "scs_requests_in_flight", "scs_request_duration_seconds_bucket",
+                 'scs_model_info{name="test-model",provider="CPUExecutionProvider",version="1"} 1.0'):
+        assert name in text
+
+
+def test_docs_show_the_contract_with_examples(service):
+    assert httpx.get(f"{service.url}/docs").status_code == 200
+    spec = httpx.get(f"{service.url}/openapi.json").json()
+    operation = spec["paths"]["/classify"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["examples"]
+    assert {"400", "413", "422", "503", "504"} <= set(operation["responses"])
+    assert "ClassifyResponse" in json.dumps(operation["responses"]["200"])
+
+
+async def burst(url: str, bodies: list[dict], concurrency: int = 64) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/classify", json=body) for body in bodies))
+
+
+def test_full_queue_answers_503_with_retry_after(service_factory, test_artifact):
+    busy = service_factory(test_artifact, MAX_QUEUE_SIZE=64, MAX_BATCH_SIZE=1)
+    bodies = [{"texts": [f"{TEXT} {i} {j}" for j in range(64)]} for i in range(24)]
+    responses = asyncio.run(burst(busy.url, bodies, concurrency=24))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert_error(refused, 503, "queue_full")
+    assert refused.headers["retry-after"] == "1"
+    assert busy.metric("scs_rejections_total", reason="queue_full") == statuses.count(503)
+    assert post(busy, {"text": TEXT}).status_code == 200
+
+
+def test_deadline_answers_504_and_drops_the_work(service_factory, test_artifact):
+    slow = service_factory(test_artifact, REQUEST_TIMEOUT_S=0.05, MAX_BATCH_SIZE=1)
+    bodies = [{"texts": [f"{TEXT} {i} {j}" for j in range(64)]} for i in range(16)]
+    responses = asyncio.run(burst(slow.url, bodies, concurrency=16))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 504} and 504 in statuses, statuses
+    assert_error(next(r for r in responses if r.status_code == 504), 504, "deadline_exceeded")
+    ran = slow.metric("scs_batch_size_sentences_sum")
+    assert ran < 64 * len(bodies)  # expired sentences were never run
+    assert slow.metric("scs_rejections_total", reason="deadline_exceeded") == statuses.count(504)
+
+
+def test_client_that_leaves_costs_no_model_run(service_factory, test_artifact):
+    svc = service_factory(test_artifact, MAX_BATCH_SIZE=1)
+    port = int(svc.url.rsplit(":", 1)[1])
+    blocker = json.dumps({"texts": [f"{TEXT} {j}" for j in range(64)]}).encode()
+    leaver = json.dumps({"texts": [f"gone {j}" for j in range(64)]}).encode()
+
+    def request(body: bytes) -> bytes:
+        return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    first = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for sock in first:  # enough queued work that the leaver's sentences wait
+        sock.sendall(request(blocker))
+    time.sleep(0.02)
+    gone = socket.create_connection(("127.0.0.1", port))
+    gone.sendall(request(leaver))
+    time.sleep(0.01)
+    gone.close()
+    for sock in first:
+        sock.settimeout(30)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        sock.close()
+    deadline = time.monotonic() + 10
+    while svc.metric("scs_rejections_total", reason="client_disconnected") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc.metric("scs_rejections_total", reason="client_disconnected") == 1
+    assert svc.metric("scs_batch_size_sentences_sum") == 4 * 64  # none of the leaver's 64 sentences ran

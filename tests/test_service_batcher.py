@@ -1,0 +1,259 @@
+"""Batcher unit tests with a fake model: caps, grouping, deadline, queue full, failure isolation, order, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batcher import BatchFailed, Batcher, BatchLimits, Closed, DeadlineExceeded, Disconnected, QueueFull
+
+
+class FakeModel:
+    """Records every batch it runs; answers each sentence with its own ids; can be held or made to fail."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, sequences: list[list[int]]) -> list:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(sequences)
+        if self.fail_on is not None and any(self.fail_on in s for s in sequences):
+            raise RuntimeError("poisoned batch")
+        return [tuple(s) for s in sequences]
+
+    def ran(self) -> list[list[int]]:
+        return [s for batch in self.batches for s in batch]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+async def started(model: FakeModel, **limits) -> Batcher:
+    batcher = Batcher(model, BatchLimits(**limits))
+    batcher.start()
+    return batcher
+
+
+async def hold_first_batch(batcher: Batcher, model: FakeModel) -> asyncio.Future:
+    """Queue one sentence and keep the model busy with it, so what is queued next gathers."""
+    model.gate.clear()
+    model.entered.clear()
+    job = batcher.submit([[999]])
+    await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+    return job.future
+
+
+def sentence(length: int, tag: int) -> list[int]:
+    return [tag] + [1] * (length - 1)
+
+
+def test_idle_runtime_dispatches_at_once_and_busy_runtime_gathers():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model)
+        first = await hold_first_batch(batcher, model)
+        jobs = [batcher.submit([sentence(5, i)]) for i in range(10)]
+        model.gate.set()
+        await asyncio.gather(first, *(j.future for j in jobs))
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert [len(b) for b in model.batches] == [1, 10]  # the first ran alone at once, the other ten together
+
+
+def test_batch_size_cap():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_size=4)
+        first = await hold_first_batch(batcher, model)
+        jobs = [batcher.submit([sentence(5, i)]) for i in range(10)]
+        model.gate.set()
+        await asyncio.gather(first, *(j.future for j in jobs))
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert [len(b) for b in model.batches] == [1, 4, 4, 2]
+
+
+def test_padded_token_cap():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_tokens=40, max_padding_ratio=100.0)
+        first = await hold_first_batch(batcher, model)
+        jobs = [batcher.submit([sentence(length, i)]) for i, length in enumerate([10, 3, 9, 10, 2, 8, 10, 7])]
+        model.gate.set()
+        await asyncio.gather(first, *(j.future for j in jobs))
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert sorted(len(s) for s in model.ran()) == sorted([1, 10, 3, 9, 10, 2, 8, 10, 7])
+    for batch in model.batches:
+        assert max(map(len, batch)) * len(batch) <= 40
+
+
+def test_groups_similar_lengths_and_oldest_goes_first():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_padding_ratio=1.3)
+        first = await hold_first_batch(batcher, model)
+        lengths = [30, 4, 31, 5, 29, 4, 30, 6, 5, 31]
+        jobs = [batcher.submit([sentence(length, i)]) for i, length in enumerate(lengths)]
+        model.gate.set()
+        await asyncio.gather(first, *(j.future for j in jobs))
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    batches = model.batches[1:]
+    assert batches[0][0][0] == 0  # the oldest queued sentence leads the next batch
+    assert len(batches) == 2  # not one batch padded to 31 for everyone
+    assert sorted(map(len, batches[0]))[-5:] == [29, 30, 30, 31, 31]
+    assert max(map(len, batches[1])) <= 6
+    for batch in batches:
+        assert max(map(len, batch)) * len(batch) <= 1.3 * sum(map(len, batch))
+
+
+def test_multi_text_request_answers_in_input_order():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_size=3)
+        first = await hold_first_batch(batcher, model)
+        texts = [sentence(length, 100 + i) for i, length in enumerate([20, 3, 19, 4, 21, 2, 3, 20])]
+        other = batcher.submit([sentence(3, 7), sentence(20, 8)])
+        job = batcher.submit(texts)
+        model.gate.set()
+        await first
+        return texts, await job.future, await other.future, model
+
+    texts, answers, other, model = run(scenario())
+    assert answers == [tuple(t) for t in texts]
+    assert other == [tuple(sentence(3, 7)), tuple(sentence(20, 8))]
+    assert len(model.batches) > 3  # the request really was split across batches
+
+
+def test_full_queue_refuses_whole_request_and_recovers():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_queue_size=3)
+        first = await hold_first_batch(batcher, model)
+        batcher.submit([[1], [2]])
+        with pytest.raises(QueueFull):
+            batcher.submit([[3], [4]])  # would make 4: refused whole, nothing of it queued
+        assert batcher.queue_depth == 2
+        last = batcher.submit([[5]])
+        model.gate.set()
+        await first
+        await last.future
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert [3] not in model.ran() and [4] not in model.ran()
+
+
+def test_expired_requests_never_run():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, timeout_s=0.2)
+        first = await hold_first_batch(batcher, model)
+        late = batcher.submit([[42], [43]])
+        with pytest.raises(DeadlineExceeded):
+            await late.future  # answered at the deadline although the model is still busy
+        model.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await first  # the running batch outlived its deadline too: its answer is dropped
+        after = batcher.submit([[44]])
+        assert await after.future == [(44,)]
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert [42] not in model.ran() and [43] not in model.ran()
+
+
+def test_failing_batch_fails_only_its_requests():
+    async def scenario():
+        model = FakeModel(fail_on=666)
+        batcher = await started(model, max_padding_ratio=1.0)
+        first = await hold_first_batch(batcher, model)
+        poisoned = batcher.submit([sentence(2, 666)])
+        bystander = batcher.submit([sentence(2, 5)])  # same length: same batch as the poison
+        healthy = batcher.submit([sentence(9, 6)])  # other length: another batch
+        model.gate.set()
+        await first
+        with pytest.raises(BatchFailed) as failed:
+            await poisoned.future
+        with pytest.raises(BatchFailed):
+            await bystander.future
+        assert await healthy.future == [tuple(sentence(9, 6))]
+        again = batcher.submit([[7]])
+        assert await again.future == [(7,)]  # the batcher is still serving
+        await batcher.close()
+        return failed.value
+
+    error = run(scenario())
+    assert len(error.error_id) == 16
+
+
+def test_cancelled_and_disconnected_requests_never_run():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model)
+        first = await hold_first_batch(batcher, model)
+        cancelled = batcher.submit([[11], [12]])
+        gone = batcher.submit([[13]])
+        kept = batcher.submit([[14]])
+        cancelled.future.cancel()
+        gone.fail(Disconnected())
+        model.gate.set()
+        await first
+        assert await kept.future == [(14,)]
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert not {11, 12, 13} & {s[0] for s in model.ran()}
+
+
+def test_close_finishes_queued_work_then_refuses():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_size=2)
+        first = await hold_first_batch(batcher, model)
+        jobs = [batcher.submit([[i]]) for i in range(7)]
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        with pytest.raises(Closed):
+            batcher.submit([[100]])
+        model.gate.set()
+        await closing
+        return [job.future.result() for job in jobs], await first
+
+    answers, first = run(scenario())
+    assert answers == [[(i,)] for i in range(7)] and first == [(999,)]
+
+
+def test_max_wait_lets_a_batch_fill():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_wait_ms=150)
+        jobs = [batcher.submit([[1]])]
+        await asyncio.sleep(0.02)
+        jobs += [batcher.submit([[2]]), batcher.submit([[3]])]
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return model
+
+    model = run(scenario())
+    assert [len(b) for b in model.batches] == [3]
