@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -17,6 +17,7 @@ help:
 	@echo "make artifact   retrain the shipped Banking77 model into models/banking77/1"
 	@echo "make bench      benchmark the service (batching on/off, baselines)"
 	@echo "make loadtest   headless Locust against a running service"
+	@echo "make docker-ci  build the image, docker compose up, check answers, stop under load, loadtest profile"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +79,11 @@ loadtest: $(VENV)/.load
 	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) \
 		-t $(LOADTEST_TIME) --host $(LOADTEST_HOST) --only-summary --exit-code-on-error 1 \
 		--html loadtest/reports/report.html --csv loadtest/reports/locust
+
+# Containers for real (README, "Docker"): lint, then as root on Debian start an engine if needed, build,
+# `docker compose up`, classify, stop under load, run the loadtest profile, tear down. Skips where no engine can run.
+docker-ci: $(VENV)/.all
+	VENV=$(VENV) bash scripts/ci_docker.sh
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis
