@@ -6,7 +6,7 @@
 # test split through 127.0.0.1:8000, `docker compose stop` under a burst of requests (no accepted request may
 # fail), run the `loadtest` profile for a few seconds, `down`, and stop the engine it started.
 # Where a Docker engine cannot run (not root, not Debian, dockerd fails) the engine part is skipped with a message.
-# Settings (environment): MAX_IMAGE_MB (450), LOAD_SECONDS (5), UP_LIMIT_S (60), VENV (.venv).
+# Settings (environment): MAX_IMAGE_MB (450), LOAD_SECONDS (5), UP_LIMIT_S (60), MIN_ACCURACY (0.5), VENV (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ VENV=${VENV:-.venv}
 MAX_IMAGE_MB=${MAX_IMAGE_MB:-450}
 LOAD_SECONDS=${LOAD_SECONDS:-5}
 UP_LIMIT_S=${UP_LIMIT_S:-60}
+MIN_ACCURACY=${MIN_ACCURACY:-0.5}
 IMAGE=sentence-classifier:latest
 MODEL_DIR=models/banking77
 PY=$VENV/bin/python
@@ -164,7 +165,8 @@ up() {
 }
 step "compose up --wait" up
 
-step "classify the test split" "$PY" scripts/docker_e2e.py classify --url http://127.0.0.1:8000 --model-dir "$MODEL_DIR"
+step "classify the test split" "$PY" scripts/docker_e2e.py classify --url http://127.0.0.1:8000 --model-dir "$MODEL_DIR" \
+    --min-accuracy "$MIN_ACCURACY"
 
 drain() {
     "$PY" scripts/docker_e2e.py drain --url http://127.0.0.1:8000 \
