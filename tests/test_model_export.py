@@ -218,3 +218,23 @@ def test_shipped_model_passes_the_contract_and_the_bar():
     manifest = assert_contract(SHIPPED)
     assert manifest["num_classes"] == 77
     assert manifest["metrics"]["accuracy"] >= 0.895
+
+
+def test_evaluate_reproduces_the_manifest_accuracy():
+    manifest = json.loads((TEST_ARTIFACT / "manifest.json").read_text())
+    result = cli("evaluate", str(TEST_ARTIFACT), "data/banking77", "--label-column", "category")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 3080
+    assert summary["accuracy"] == round(manifest["metrics"]["accuracy"], 4)
+
+
+def test_bench_prints_the_throughput_table():
+    result = cli("bench", str(TEST_ARTIFACT), "data/banking77", "--label-column", "category", "--seconds", "0.2")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [tuple(r.split("|")[1:4]) for r in rows] == [
+        (" 1 ", " 1 ", " no "), (" 1 ", " 64 ", " no "), (" 1 ", " 64 ", " yes "),
+        (" 2 ", " 1 ", " no "), (" 2 ", " 64 ", " no "), (" 2 ", " 64 ", " yes "),
+    ]
+    assert all(int(r.split("|")[4].replace(",", "")) > 0 for r in rows)
