@@ -1,0 +1,185 @@
+"""Child processes the harness starts: pinned to a core, in their own process group, always stopped.
+
+Every child gets its own session (so Ctrl-C on the terminal reaches only the harness, which then stops the
+children in order) and asks the kernel for SIGTERM if the harness dies without cleaning up (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+TASKSET = shutil.which("taskset")
+LIVE: dict[int, subprocess.Popen] = {}  # every child still running, by pid: what stop_all() stops
+STARTED: dict[int, float] = {}  # monotonic start time of each child, for CPU per second in finish()
+CAPTURED: dict[int, "tempfile._TemporaryFileWrapper"] = {}  # output files of children started with capture
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the harness exits (Linux; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def pinned(argv: list[str], core: int | None) -> list[str]:
+    """``argv`` run on one CPU core with taskset, or unchanged when taskset or the core is missing."""
+    if core is None or TASKSET is None or core >= (os.cpu_count() or 1):
+        return argv
+    return [TASKSET, "-c", str(core), *argv]
+
+
+def spawn(argv: list[str], core: int | None, env: dict[str, str] | None = None, log: Path | None = None,
+          capture: bool = False, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``argv`` pinned to ``core`` in a new session; stdout+stderr to ``log``, or kept for ``finish``.
+
+    Captured output goes to an unnamed temporary file, not a pipe, so a chatty child never blocks.
+    """
+    if capture:
+        out = tempfile.TemporaryFile()
+    else:
+        out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(pinned(argv, core), env={**os.environ, **(env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                                   cwd=cwd)
+    except BaseException:
+        if out is not subprocess.DEVNULL:
+            out.close()
+        raise
+    if capture:
+        CAPTURED[process.pid] = out
+    elif out is not subprocess.DEVNULL:
+        out.close()
+    LIVE[process.pid] = process
+    STARTED[process.pid] = time.monotonic()
+    return process
+
+
+def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's whole process group, SIGKILL it after ``grace`` seconds, reap it."""
+    try:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait(timeout=5)
+    finally:
+        LIVE.pop(process.pid, None)
+        STARTED.pop(process.pid, None)
+        handle = CAPTURED.pop(process.pid, None)
+        if handle is not None:
+            handle.close()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all() -> None:
+    for process in list(LIVE.values()):
+        stop(process, grace=5.0)
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    """Wait for a child that ends by itself: (exit code, its output, CPU seconds per second it was alive).
+
+    CPU time comes from the kernel's rusage of the reaped child, so it counts the load generator's own
+    work whatever it is (wrk, Locust); the wall time is from its start (``spawn``) to its exit.
+    """
+    deadline = time.monotonic() + timeout
+    output = b""
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            stop(process, grace=2.0)
+            raise TimeoutError(f"{process.args[0]} did not finish within {timeout:.0f}s")
+        time.sleep(0.05)
+    handle = CAPTURED.pop(process.pid, None)
+    if handle is not None:
+        handle.seek(0)
+        output = handle.read()
+        handle.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    LIVE.pop(process.pid, None)
+    alive = max(1e-3, time.monotonic() - STARTED.pop(process.pid, time.monotonic()))
+    return process.returncode, output.decode(errors="replace"), (usage.ru_utime + usage.ru_stime) / alive
+
+
+@dataclass
+class Server:
+    """A server under test: the command that starts it, and the URL that answers 200 once it is ready."""
+
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/readyz"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, core: int | None, log: Path, timeout: float = 180.0) -> None:
+        """Start it and wait until ready; raise with the log's tail if it exits or never gets ready."""
+        self.process = spawn(self.argv, core, self.env, log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}: {_tail(log)}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s: {_tail(log)}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its children (user + system), from /proc."""
+        try:
+            root = psutil.Process(self.process.pid)
+            total = 0.0
+            for proc in [root, *root.children(recursive=True)]:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            return total
+        except psutil.Error:
+            return 0.0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:]) or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
