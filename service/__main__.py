@@ -13,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from . import logs
-from .app import ServiceState, create_app
+from .app import FastLane, ServiceState, create_app
 from .errors import ArtifactError
 from .settings import Settings
 
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: %s", error)
         print(f"error: refusing to start: {error}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+    config = uvicorn.Config(FastLane(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-                            server_header=False)
+                            server_header=False, proxy_headers=False)
     server = DrainingServer(config, app.state.service)
     server.run()
     return 0 if server.started else 1

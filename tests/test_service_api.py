@@ -237,3 +237,20 @@ def test_client_that_leaves_costs_no_model_run(service_factory, test_artifact):
         time.sleep(0.05)
     assert svc.metric("scs_rejections_total", reason="client_disconnected") == 1
     assert svc.metric("scs_batch_size_sentences_sum") == 4 * 64  # none of the leaver's 64 sentences ran
+
+
+def test_fastapi_route_serves_classify_without_the_fast_lane(test_artifact):
+    """uvicorn serves FastLane(app); the plain FastAPI app (e.g. `uvicorn --factory`) must answer the same."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(model_dir=test_artifact))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = client.post("/classify", json={"texts": [TEXT, "card"], "top_k": 2})
+        assert response.status_code == 200 and response.headers["x-request-id"]
+        assert [len(p["probabilities"]) for p in response.json()["predictions"]] == [2, 2]
+        assert_error(client.post("/classify", json={"text": ""}), 422, "invalid_request")
