@@ -32,7 +32,9 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # Install only the extra's requirements, read from pyproject.toml, so code changes reuse this layer.
 # The GPU extra must bring onnxruntime-gpu alone: both packages in one environment shadow each other.
-# pip and setuptools go once the install is done: the runtime never installs anything.
+# pip and setuptools go once the install is done: the runtime never installs anything. The bytecode pip
+# compiled stays (+27 MB): with a read-only root nothing could cache it, and start-up to ready took 0.7 s
+# with it against 1.3 s without (measured with docker run, same machine).
 COPY pyproject.toml /build/
 RUN python3 -m venv /opt/venv \
     && python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"][sys.argv[2]]))' \
@@ -40,7 +42,7 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir -r /build/requirements.txt \
     && /opt/venv/bin/python -c 'import importlib.metadata as md, sys; sys.exit("onnxruntime and onnxruntime-gpu are both installed") if {"onnxruntime", "onnxruntime-gpu"} <= {d.metadata["Name"].lower() for d in md.distributions()} else None' \
     && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
-    && find /opt/venv -depth -type d \( -name __pycache__ -o -name tests \) -path '*/site-packages/*' -exec rm -rf {} +
+    && find /opt/venv -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +
 # Code and models, world-readable whatever the checkout's permissions (the service runs as another user).
 COPY service/ /app/service/
 COPY models/ /app/models/
