@@ -152,7 +152,7 @@ check_image() {
     docker run --rm --entrypoint python "$IMAGE" -c '
 import glob, importlib.util, os, shutil, sys
 problems = [f"{name} is importable" for name in ("torch", "pip", "model_export") if importlib.util.find_spec(name)]
-problems += [f"{tool} is installed" for tool in ("gcc", "cc", "g++", "apt-get") if tool != "apt-get" and shutil.which(tool)]
+problems += [f"{tool} is installed" for tool in ("gcc", "cc", "g++", "make") if shutil.which(tool)]
 problems += ["runs as root"] if os.getuid() == 0 else []
 problems += [f"build CA left in the image: {p}" for p in glob.glob("/usr/local/share/ca-certificates/*.crt")]
 print("image contents:", "; ".join(problems) or f"no torch, pip or compiler; uid {os.getuid()}")

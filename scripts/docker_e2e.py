@@ -8,7 +8,8 @@ recorded at export (same model, same tokenizer, so the same answers), every labe
 ``drain`` keeps concurrent clients busy, runs the stop command, and requires every request to get 200
 (well-formed) or a clean 503, or to be refused at connect; a request the server accepted and then dropped is a
 failure. As behind a load balancer, clients stop sending once /readyz turns 503 (polled every 0.1 s), so the
-service's drain window (SCS_DRAIN_SECONDS: still serving, readiness 503) must outlast a poll and a request. Each prints what it measured; exit 1 on any failure.
+service's drain window (SCS_DRAIN_SECONDS: still serving, readiness 503) must outlast a poll and a request.
+Each prints what it measured; exit 1 on any failure.
 """
 
 from __future__ import annotations
@@ -27,18 +28,11 @@ from pathlib import Path
 
 import httpx
 
+from service.artifact import load_artifact, resolve_version_dir
+from service.errors import ArtifactError
+
 CHUNK = 32  # sentences per request in `classify` (the service's default max_texts is 64)
 READY_POLL_S = 0.1  # how often `drain`'s stand-in load balancer polls /readyz
-
-
-def version_dir(model_dir: Path) -> Path:
-    """The folder the service serves: model_dir itself if it holds a manifest, else its newest integer version."""
-    if (model_dir / "manifest.json").is_file():
-        return model_dir
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        sys.exit(f"error: {model_dir}: no manifest.json and no integer version folder")
-    return max(versions, key=lambda p: int(p.name))
 
 
 def read_split(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
@@ -47,9 +41,11 @@ def read_split(path: Path, text_column: str, label_column: str) -> list[tuple[st
 
 
 def check_classify(args: argparse.Namespace) -> list[str]:
-    folder = version_dir(args.model_dir)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    labels = set(json.loads((folder / "labels.json").read_text()))
+    try:
+        artifact = load_artifact(resolve_version_dir(args.model_dir))
+    except ArtifactError as error:
+        return [f"the model the image was built from: {error}"]
+    manifest, labels = artifact.manifest, set(artifact.labels)
     rows = read_split(args.data, manifest["dataset"].get("text_column", "text"),
                       manifest["dataset"].get("label_column", "category"))
     problems: list[str] = []
