@@ -130,6 +130,8 @@ def test_tokenizer_round_trip(tmp_path):
     assert loaded.decode(ids) == "i lost my card"
     assert encode(loaded, ["word " * 100], 8)[0].__len__() == 8  # truncated to max_length
     assert encode(loaded, ["\u200b"], 8) == [[loaded.token_to_id("[UNK]")]]  # nothing to tokenize -> one unknown
+    assert "[UNK]" not in loaded.decode(encode(loaded, ["cards"], 8)[0], skip_special_tokens=False)  # falls back to characters
+    assert fit_tokenizer(texts, vocab_size=200).to_str() == tokenizer.to_str()  # deterministic
 
 
 def test_reverse_within_length_keeps_padding_in_place():
@@ -194,6 +196,14 @@ def test_tiny_training_run_writes_a_valid_artifact(tmp_path):
     assert "test accuracy" in result.stdout
     again = cli("train", str(tmp_path / "toy.csv"), "--test-fraction", "0.2", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
+    # Same data, same seed: the same artifact, byte for byte (tokenizer and weights).
+    twin = tmp_path / "repo" / "toy" / "2"
+    result = cli("train", str(tmp_path / "toy.csv"), "--test-fraction", "0.2", "--out", str(twin), "--epochs", "2",
+                 "--embedding-dim", "16", "--hidden-size", "16", "--vocab-size", "100", "--threads", "1",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for name in ("model.onnx", "tokenizer.json", "labels.json"):
+        assert sha256(out / name) == sha256(twin / name), name
 
 
 def test_test_artifact_passes_the_contract():
