@@ -150,8 +150,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         state.warmup = asyncio.get_running_loop().create_task(_warm_up(state))
         yield
         state.draining = True
-        await state.batcher.close()
-        log.info("stopped: queue drained")
+        try:
+            await asyncio.wait_for(state.batcher.close(), settings.graceful_timeout_s)
+            log.info("stopped: queue drained")
+        except TimeoutError:
+            log.error("stopped with work still queued: the model did not finish within graceful_timeout_s")
 
     app = FastAPI(
         title="Sentence classifier",

@@ -254,3 +254,31 @@ def test_fastapi_route_serves_classify_without_the_fast_lane(test_artifact):
         assert response.status_code == 200 and response.headers["x-request-id"]
         assert [len(p["probabilities"]) for p in response.json()["predictions"]] == [2, 2]
         assert_error(client.post("/classify", json={"text": ""}), 422, "invalid_request")
+
+
+def test_failing_model_run_answers_500_with_error_id_and_service_stays_up(test_artifact, caplog):
+    """Fault injection: the real runtime, made to raise on batches holding one token."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.runtime import load_runtime
+    from service.settings import Settings
+
+    runtime = load_runtime(test_artifact)
+    [poison] = runtime.encode(["refund"])[0].ids
+    real_run = runtime.run
+
+    def failing_run(sequences):
+        if any(poison in s for s in sequences):
+            raise RuntimeError("injected model failure")
+        return real_run(sequences)
+
+    runtime.run = failing_run
+    with TestClient(create_app(Settings(model_dir=test_artifact), runtime)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        error = assert_error(client.post("/classify", json={"texts": ["card", "refund"]}), 500, "model_error")
+        [logged] = [r for r in caplog.records if getattr(r, "fields", {}).get("error_id") == error["details"]["error_id"]]
+        assert logged.levelname == "ERROR" and "injected model failure" in caplog.text
+        assert client.post("/classify", json={"text": "card"}).status_code == 200
