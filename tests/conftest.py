@@ -33,6 +33,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def read_metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the /metrics samples named ``name`` with exactly these labels (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted + " "))
+
+
+@pytest.fixture
+def metric():
+    """``metric(url, name, **labels)``: read one Prometheus sample sum from a running service."""
+    return read_metric
+
+
 @dataclass
 class ServiceProcess:
     process: subprocess.Popen
@@ -40,10 +53,7 @@ class ServiceProcess:
     log: Path
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the /metrics samples named ``name`` with exactly these labels (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted + " "))
+        return read_metric(self.url, name, **labels)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -210,33 +210,66 @@ def test_deadline_answers_504_and_drops_the_work(service_factory, test_artifact)
     assert slow.metric("scs_rejections_total", reason="deadline_exceeded") == statuses.count(504)
 
 
-def test_client_that_leaves_costs_no_model_run(service_factory, test_artifact):
-    svc = service_factory(test_artifact, MAX_BATCH_SIZE=1)
-    port = int(svc.url.rsplit(":", 1)[1])
-    blocker = json.dumps({"texts": [f"{TEXT} {j}" for j in range(64)]}).encode()
-    leaver = json.dumps({"texts": [f"gone {j}" for j in range(64)]}).encode()
+def test_client_that_leaves_costs_no_model_run(test_artifact, metric):
+    """Real uvicorn (in a thread) and the real model, held at a gate so the leaver's sentences must wait."""
+    import threading
 
-    def request(body: bytes) -> bytes:
+    import uvicorn
+
+    from service.app import FastLane, create_app
+    from service.runtime import load_runtime
+    from service.settings import Settings
+
+    runtime = load_runtime(test_artifact)
+    gate, real_run = threading.Event(), runtime.run
+    gate.set()
+    runtime.run = lambda sequences: (gate.wait(30), real_run(sequences))[1]
+    app = FastLane(create_app(Settings(model_dir=test_artifact), runtime))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except httpx.TransportError:  # not listening yet
+                pass
+            time.sleep(0.01)
+
+    def request(body: dict) -> bytes:
+        data = json.dumps(body).encode()
         return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
 
-    first = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-    for sock in first:  # enough queued work that the leaver's sentences wait
-        sock.sendall(request(blocker))
-    time.sleep(0.02)
-    gone = socket.create_connection(("127.0.0.1", port))
-    gone.sendall(request(leaver))
-    time.sleep(0.01)
-    gone.close()
-    for sock in first:
-        sock.settimeout(30)
-        assert sock.recv(64).startswith(b"HTTP/1.1 200")
-        sock.close()
-    deadline = time.monotonic() + 10
-    while svc.metric("scs_rejections_total", reason="client_disconnected") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert svc.metric("scs_rejections_total", reason="client_disconnected") == 1
-    assert svc.metric("scs_batch_size_sentences_sum") == 4 * 64  # none of the leaver's 64 sentences ran
+    try:
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+        gate.clear()
+        blocker = socket.create_connection(("127.0.0.1", port))
+        blocker.sendall(request({"text": TEXT}))  # its model run now waits at the gate
+        wait_for(lambda: metric(url, "scs_requests_in_flight") >= 2)
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.sendall(request({"texts": [f"gone {j}" for j in range(64)]}))
+        wait_for(lambda: metric(url, "scs_queue_depth") == 64)
+        gone.close()
+        wait_for(lambda: metric(url, "scs_rejections_total", reason="client_disconnected") >= 1)
+        gate.set()
+        blocker.settimeout(30)
+        assert blocker.recv(64).startswith(b"HTTP/1.1 200")
+        blocker.close()
+        assert metric(url, "scs_rejections_total", reason="client_disconnected") == 1
+        wait_for(lambda: metric(url, "scs_queue_depth") == 0)
+        assert metric(url, "scs_batch_size_sentences_sum") == 1  # the blocker's sentence; none of the leaver's 64
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_fastapi_route_serves_classify_without_the_fast_lane(test_artifact):

@@ -6,6 +6,8 @@ import asyncio
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.batcher import BatchFailed, Batcher, BatchLimits, Closed, DeadlineExceeded, Disconnected, QueueFull
 
@@ -257,3 +259,39 @@ def test_max_wait_lets_a_batch_fill():
 
     model = run(scenario())
     assert [len(b) for b in model.batches] == [3]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=5), min_size=1, max_size=30),
+       st.tuples(st.integers(1, 16), st.integers(40, 400), st.floats(1.0, 3.0)))
+def test_any_mix_runs_each_sentence_once_within_limits_oldest_first(lengths, limits):
+    """Property: random requests and limits; each sentence runs once, answers keep order, every batch keeps
+    its limits, and the oldest waiting sentence leads each batch."""
+    size, tokens, ratio = limits
+
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_size=size, max_batch_tokens=tokens, max_padding_ratio=ratio)
+        first = await hold_first_batch(batcher, model)
+        tag = iter(range(1_000, 1_000_000))
+        sent = [[sentence(length, next(tag)) for length in request] for request in lengths]
+        jobs = [batcher.submit(request) for request in sent]
+        model.gate.set()
+        await first
+        answers = [await job.future for job in jobs]
+        await batcher.close()
+        return sent, answers, model.batches[1:]
+
+    sent, answers, batches = run(scenario())
+    assert answers == [[tuple(s) for s in request] for request in sent]
+    order = [s[0] for request in sent for s in request]
+    ran = [s[0] for batch in batches for s in batch]
+    assert sorted(ran) == sorted(order)  # each sentence exactly once
+    waiting = list(order)
+    for batch in batches:
+        assert batch[0][0] == waiting[0]  # the oldest waiting sentence leads every batch
+        for s in batch:
+            waiting.remove(s[0])
+        padded = max(map(len, batch)) * len(batch)
+        assert len(batch) <= size
+        assert len(batch) == 1 or (padded <= tokens and padded <= ratio * sum(map(len, batch)) + 1e-9)
