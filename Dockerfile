@@ -2,8 +2,9 @@
 #   docker build -t sentence-classifier .                         CPU image (the `serve` extra)
 #   docker build --build-arg EXTRA=gpu -t sentence-classifier:gpu .   GPU image (onnxruntime-gpu replaces onnxruntime)
 #   docker build --build-arg EXTRA=load --target loadtest .       headless Locust (compose profile `loadtest`)
-# Stages: base (Debian's Python 3.11) -> build (a virtualenv holding one pyproject extra, plus /app assembled)
-# -> runtime (that virtualenv, service/ and models/; non-root; no compilers, pip, caches or build-time CA files).
+# Stages: base (Debian's Python 3.11) -> requirements (one pyproject extra's list) -> build (a virtualenv holding
+# it, plus /app assembled) -> runtime (that virtualenv, service/ and models/; non-root; no compilers, pip, caches
+# or build-time CA files).
 # Plain Dockerfile syntax only: it builds with the classic builder as well as with BuildKit.
 ARG BASE_IMAGE=debian:bookworm-slim
 
@@ -18,8 +19,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
-FROM base AS build
+# The extra's requirements, read from pyproject.toml. Copied onward by content, so a change elsewhere in
+# pyproject.toml (another extra, a tool setting) does not redo the install below.
+FROM base AS requirements
 ARG EXTRA=serve
+COPY pyproject.toml /build/
+RUN python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"][sys.argv[2]]))' \
+        /build/pyproject.toml "$EXTRA" > /build/requirements.txt
+
+FROM base AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv ca-certificates \
@@ -30,15 +38,12 @@ RUN update-ca-certificates
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Install only the extra's requirements, read from pyproject.toml, so code changes reuse this layer.
 # The GPU extra must bring onnxruntime-gpu alone: both packages in one environment shadow each other.
 # pip and setuptools go once the install is done: the runtime never installs anything. The bytecode pip
 # compiled stays (+27 MB): with a read-only root nothing could cache it, and start-up to ready took 0.7 s
 # with it against 1.3 s without (measured with docker run, same machine).
-COPY pyproject.toml /build/
+COPY --from=requirements /build/requirements.txt /build/
 RUN python3 -m venv /opt/venv \
-    && python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"][sys.argv[2]]))' \
-        /build/pyproject.toml "$EXTRA" > /build/requirements.txt \
     && /opt/venv/bin/python -m pip install --no-cache-dir -r /build/requirements.txt \
     && /opt/venv/bin/python -c 'import importlib.metadata as md, sys; sys.exit("onnxruntime and onnxruntime-gpu are both installed") if {"onnxruntime", "onnxruntime-gpu"} <= {d.metadata["Name"].lower() for d in md.distributions()} else None' \
     && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
