@@ -48,6 +48,7 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a container's non-root user must read the artifact
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
         artifact.write_json(staging / "labels.json", labels)
