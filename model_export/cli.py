@@ -19,6 +19,17 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, help="with one file: the share held out as the test split")
 
 
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="JSON or TOML file of hyperparameters")
+    parser.add_argument("--limit", type=int, help="train on a stratified sample of about N training rows (quick runs)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    hyper = parser.add_argument_group("hyperparameters (override --config)")
+    for field in fields(TrainConfig):
+        kind = {bool: lambda v: v, int: int, float: float}[type(field.default)]
+        hyper.add_argument(f"--{field.name.replace('_', '-')}", dest=f"hp_{field.name}", type=kind, metavar="V",
+                           help=f"default {field.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,15 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="artifact folder to write, e.g. models/banking77/1")
     train.add_argument("--name", help="model name in the manifest (default: the --out parent folder's name)")
-    train.add_argument("--config", type=Path, help="JSON or TOML file of hyperparameters")
-    train.add_argument("--limit", type=int, help="train on a stratified sample of about N training rows (quick runs)")
     train.add_argument("--force", action="store_true", help="replace --out if it exists")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    hyper = train.add_argument_group("hyperparameters (override --config)")
-    for field in fields(TrainConfig):
-        kind = {bool: lambda v: v, int: int, float: float}[type(field.default)]
-        hyper.add_argument(f"--{field.name.replace('_', '-')}", dest=f"hp_{field.name}", type=kind, metavar="V",
-                           help=f"default {field.default}")
+    _add_training_arguments(train)
+
+    seeds = commands.add_parser("seeds", help="train with several seeds and print test accuracy, mean and spread "
+                                "(no artifact written)")
+    _add_data_arguments(seeds)
+    seeds.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    _add_training_arguments(seeds)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and macro-F1 of an artifact on a dataset's test split")
     evaluate.add_argument("artifact", type=Path)
@@ -71,13 +81,12 @@ def _require_artifact(folder: Path) -> dict:
         raise UserError(f"{folder / 'manifest.json'}: not valid JSON ({error})") from None
 
 
-def command_train(args) -> None:
+def _config_and_data(args):
+    """The training config and the dataset (sampled down with ``--limit``)."""
     from .data import stratified_split
-    from .pipeline import build_artifact, check_output_folder
 
     overrides = {f.name: getattr(args, f"hp_{f.name}") for f in fields(TrainConfig)}
     config = load_config(args.config, overrides)
-    check_output_folder(args.out, args.force)
     dataset = _load(args)
     if args.limit is not None:
         if args.limit < 2 * len(set(dataset.train.labels)):
@@ -85,6 +94,14 @@ def command_train(args) -> None:
         if args.limit < len(dataset.train):
             _, dataset.train = stratified_split(dataset.train.texts, dataset.train.labels,
                                                 args.limit / len(dataset.train), config.seed, "--limit")
+    return config, dataset
+
+
+def command_train(args) -> None:
+    from .pipeline import build_artifact, check_output_folder
+
+    check_output_folder(args.out, args.force)
+    config, dataset = _config_and_data(args)
     name = args.name or args.out.resolve().parent.name
     info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
             "licence": _licence(Path(args.data))}
@@ -100,6 +117,30 @@ def _licence(data: Path) -> str:
             if "licen" in line.lower() and "attribution" in line.lower():
                 return line.split(":", 1)[-1].strip().rstrip(".")
     return "unknown"
+
+
+def command_seeds(args) -> None:
+    import statistics
+    import time
+
+    from .pipeline import fit_model, test_accuracy
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    config, dataset = _config_and_data(args)
+    accuracies = []
+    for seed in seeds:
+        config.seed = seed
+        started = time.perf_counter()
+        fitted = fit_model(dataset, config, progress=not args.no_progress, log=lambda _: None)
+        accuracies.append(test_accuracy(fitted, dataset, config.max_length))
+        print(f"seed {seed}: test accuracy {accuracies[-1]:.4f}, validation {fitted.result.best_val_accuracy:.4f} "
+              f"(epoch {fitted.result.best_epoch}), {time.perf_counter() - started:.0f}s", flush=True)
+    spread = max(accuracies) - min(accuracies)
+    print(f"mean test accuracy {statistics.mean(accuracies):.4f} over {len(seeds)} seed(s), "
+          f"min {min(accuracies):.4f}, max {max(accuracies):.4f}, spread {spread:.4f}")
 
 
 def command_evaluate(args) -> None:
@@ -162,7 +203,7 @@ def command_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": command_train, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
+        {"train": command_train, "seeds": command_seeds, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
             args.command
         ](args)
     except UserError as error:

@@ -6,6 +6,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,37 +15,67 @@ import onnx
 import onnxruntime
 import tokenizers
 import torch
+from tokenizers import Tokenizer
 
 from . import artifact
 from .config import TrainConfig
-from .data import Dataset, stratified_split
+from .data import Dataset, Split, stratified_split
 from .errors import UserError
 from .export import OPSET, export_onnx, onnx_predict, session, verify
 from .report import plot_confusion_matrix, plot_training_curve, test_metrics
 from .tokenizer import PAD, UNK, encode, fit_tokenizer
-from .train import train
+from .train import TrainResult, predict, train
+
+
+@dataclass
+class Fitted:
+    """A trained model with what it was trained from: the tokenizer, labels and splits."""
+
+    tokenizer: Tokenizer
+    labels: list[str]
+    fit: Split
+    validation: Split
+    result: TrainResult
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.token_to_id(PAD)
+
+
+def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=print) -> Fitted:
+    """Hold out validation, fit the tokenizer on the rest of train, train; the test split is not read."""
+    fit, validation = stratified_split(dataset.train.texts, dataset.train.labels, config.validation_fraction,
+                                       config.seed, "validation")
+    labels = sorted(set(dataset.train.labels))
+    index = {label: i for i, label in enumerate(labels)}
+    tokenizer = fit_tokenizer(fit.texts, config.vocab_size)
+    log(f"data: {len(fit)} train, {len(validation)} validation, {len(dataset.test)} test rows, {len(labels)} classes; "
+        f"vocabulary {tokenizer.get_vocab_size()}; skipped {dataset.skipped_empty} empty text(s)")
+    result = train(config, encode(tokenizer, fit.texts, config.max_length), [index[label] for label in fit.labels],
+                   encode(tokenizer, validation.texts, config.max_length),
+                   [index[label] for label in validation.labels], tokenizer.get_vocab_size(), len(labels),
+                   tokenizer.token_to_id(PAD), progress=progress)
+    log(f"trained in {result.seconds:.0f}s; kept epoch {result.best_epoch} (validation accuracy "
+        f"{result.best_val_accuracy:.4f})")
+    return Fitted(tokenizer, labels, fit, validation, result)
+
+
+def test_accuracy(fitted: Fitted, dataset: Dataset, max_length: int) -> float:
+    """Torch accuracy on the test split (for seed sweeps; artifacts are scored through onnxruntime)."""
+    index = {label: i for i, label in enumerate(fitted.labels)}
+    probabilities = predict(fitted.result.model, encode(fitted.tokenizer, dataset.test.texts, max_length), fitted.pad_id)
+    return float((probabilities.argmax(1) == np.array([index[label] for label in dataset.test.labels])).mean())
 
 
 def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, version: str,
                    dataset_info: dict, progress: bool = True, log=print) -> dict:
     """Train, evaluate on test once, export, verify, and move the finished folder to ``out``. Returns the manifest."""
     started = time.perf_counter()
-    fit, validation = stratified_split(dataset.train.texts, dataset.train.labels, config.validation_fraction,
-                                       config.seed, "validation")
-    labels = sorted(set(dataset.train.labels))
+    fitted = fit_model(dataset, config, progress, log)
+    tokenizer, labels, fit, validation, result = (fitted.tokenizer, fitted.labels, fitted.fit, fitted.validation,
+                                                  fitted.result)
     index = {label: i for i, label in enumerate(labels)}
-    tokenizer = fit_tokenizer(fit.texts, config.vocab_size)
     pad_id, unk_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(UNK)
-    train_ids = encode(tokenizer, fit.texts, config.max_length)
-    val_ids = encode(tokenizer, validation.texts, config.max_length)
-    log(f"data: {len(fit)} train, {len(validation)} validation, {len(dataset.test)} test rows, {len(labels)} classes; "
-        f"vocabulary {tokenizer.get_vocab_size()}; skipped {dataset.skipped_empty} empty text(s)")
-
-    result = train(config, train_ids, [index[label] for label in fit.labels], val_ids,
-                   [index[label] for label in validation.labels], tokenizer.get_vocab_size(), len(labels), pad_id,
-                   progress=progress)
-    log(f"trained in {result.seconds:.0f}s; kept epoch {result.best_epoch} (validation accuracy "
-        f"{result.best_val_accuracy:.4f})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))

@@ -248,3 +248,12 @@ def test_bench_prints_the_throughput_table():
         (" 2 ", " 1 ", " no "), (" 2 ", " 64 ", " no "), (" 2 ", " 64 ", " yes "),
     ]
     assert all(int(r.split("|")[4].replace(",", "")) > 0 for r in rows)
+
+
+def test_seeds_reports_each_seed_and_the_mean():
+    result = cli("seeds", "data/banking77", "--label-column", "category", "--seeds", "3,4", "--limit", "800",
+                 "--epochs", "1", "--embedding-dim", "16", "--hidden-size", "16", "--threads", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["seed 3", "seed 4"]
+    assert lines[2].startswith("mean test accuracy ") and "over 2 seed(s)" in lines[2]
