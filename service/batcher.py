@@ -85,7 +85,7 @@ class Item:
 class BatchLimits:
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
-    max_padding_ratio: float = 1.3
+    max_padding_ratio: float = 1.15
     max_wait_ms: float = 0.0
     max_queue_size: int = 4096
     timeout_s: float = 10.0

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     # Dynamic batching
     max_batch_size: int = Field(64, ge=1, description="most sentences in one model run (1 turns batching off)")
     max_batch_tokens: int = Field(4096, ge=1, description="most padded tokens (longest x count) in one model run")
-    max_padding_ratio: float = Field(1.3, ge=1.0, description="padded/real tokens a batch may reach while it fills")
+    max_padding_ratio: float = Field(1.15, ge=1.0, description="padded/real tokens a batch may reach while it fills")
     max_wait_ms: float = Field(0.0, ge=0, description="wait this long for a batch to fill (0: dispatch at once)")
     max_queue_size: int = Field(4096, ge=1, description="most queued sentences; beyond it requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504; its sentences never run")
