@@ -18,6 +18,8 @@ help:
 	@echo "make bench      benchmark the service (batching on/off, baselines)"
 	@echo "make loadtest   headless Locust against a running service"
 	@echo "make docker-ci  build the image, docker compose up, check answers, stop under load, loadtest profile"
+	@echo "make overload   3x capacity for 60 s against a fresh service: no hangs, 503 + Retry-After, recovery (~2 min)"
+	@echo "make soak       half capacity for SOAK_MINUTES (10): zero errors, memory drift < 10%"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +86,16 @@ loadtest: $(VENV)/.load
 # `docker compose up`, classify, stop under load, run the loadtest profile, tear down. Skips where no engine can run.
 docker-ci: $(VENV)/.all
 	VENV=$(VENV) bash scripts/ci_docker.sh
+
+# Reliability (RELIABILITY.md): each starts its own service on 127.0.0.1 (core 0; load on core 1) and exits 1 when a bar fails.
+# make overload: capacity, then 3x that open loop for 60 s, then recovery (~2 min). make soak: half capacity, SOAK_MINUTES.
+SOAK_MINUTES ?= 10
+OVERLOAD_ARGS ?=
+overload: $(VENV)/.all
+	$(PY) scripts/overload.py --model-dir $(MODEL_DIR) $(OVERLOAD_ARGS)
+
+soak: $(VENV)/.all
+	$(PY) scripts/soak.py --model-dir $(MODEL_DIR) --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis

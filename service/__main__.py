@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from . import logs
 from .app import FastLane, ServiceState, create_app
 from .errors import ArtifactError
+from .security import guarded_http
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = uvicorn.Config(FastLane(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-                            server_header=False, proxy_headers=False)
+                            server_header=False, proxy_headers=False, http=guarded_http(settings.read_timeout_s))
     server = DrainingServer(config, app.state.service)
     server.run()
     return 0 if server.started else 1

@@ -23,8 +23,10 @@ from . import errors, logs
 from .batcher import Batcher, BatchLimits
 from .classify import ClassifyEndpoint
 from .metrics import Metrics
+from .openapi import document
 from .runtime import Runtime, load_runtime
 from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, error_details
+from .security import secure
 from .settings import Settings
 
 log = logging.getLogger("service.app")
@@ -121,7 +123,7 @@ class FastLane:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         state: ServiceState = app.state.service
-        self.classify = RequestContext(state.classify, state)
+        self.classify = RequestContext(secure(state.classify, state.settings), state)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] == "/classify" and scope["method"] == "POST":
@@ -167,6 +169,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.service = state
     _add_routes(app, state)
     _add_error_handlers(app)
+    document(app, max_text_chars=settings.max_text_chars, max_texts=settings.max_texts,
+             num_classes=len(runtime.labels), secured=settings.api_key is not None)
+    app.add_middleware(secure, settings=settings)  # inside RequestContext: 401s get a request id and a metric
     app.add_middleware(RequestContext, state=state)
     return app
 

@@ -61,6 +61,12 @@ class ClassifyRequest(BaseModel):
             check_text(text, limits)
         return value
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        """JSON (and JSON Schema's "integer") treats 3.0 as the integer 3; strict mode alone would refuse it."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
     @field_validator("top_k")
     @classmethod
     def _check_top_k(cls, value: int | None, info: ValidationInfo) -> int | None:

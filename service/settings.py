@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="one log line per request")
     drain_seconds: float = Field(0.0, ge=0, description="after SIGTERM, keep serving (readiness 503) this long before closing")
     graceful_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM, longest wait for running requests")
+
+    # Security (service/security.py)
+    api_key: SecretStr | None = Field(None, min_length=16, description="when set, every endpoint but /healthz, "
+                                      "/readyz and the docs needs `Authorization: Bearer <key>` (else 401)")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS, or * (empty: CORS off)")
+    read_timeout_s: float = Field(10.0, gt=0, description="a connection must send a whole request within this "
+                                  "long of opening or of its previous answer, else it is closed (slow clients)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -1,0 +1,110 @@
+"""Optional bearer-token auth and CORS, as ASGI wrappers around the app and around the /classify fast lane.
+
+Both are off unless configured: ``SCS_API_KEY`` turns on auth (constant-time comparison; the health probes
+and the API docs stay open, everything else answers 401 with the error shape), ``SCS_CORS_ORIGINS`` (comma
+separated, or ``*``) turns on Starlette's CORS middleware. No endpoint changes state, so auth guards reads:
+the classifier itself, the model summary and the metrics.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.middleware.cors import CORSMiddleware
+
+from .errors import ServiceError
+
+# Probes must work without credentials (kubelet, load balancers); the docs describe the API, not its data.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def unauthorized() -> ServiceError:
+    return ServiceError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <key>)",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+class BearerAuth:
+    """Pure ASGI middleware: requests outside ``OPEN_PATHS`` need ``Authorization: Bearer <api_key>``.
+    CORS preflights (OPTIONS) pass: browsers never send credentials on them."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in OPEN_PATHS:
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, self.expected):
+                error = unauthorized()
+                body = error.body()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def cors_origins(value: str) -> list[str]:
+    return [origin.strip() for origin in value.split(",") if origin.strip()]
+
+
+def secure(app, settings):
+    """``app`` behind auth (when ``settings.api_key``) and CORS (when ``settings.cors_origins``)."""
+    if settings.api_key is not None:
+        app = BearerAuth(app, settings.api_key.get_secret_value())
+    origins = cors_origins(settings.cors_origins)
+    if origins:
+        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                             expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+    return app
+
+
+def guarded_http(read_timeout_s: float) -> type:
+    """uvicorn's httptools protocol, plus a read deadline: a connection must deliver a whole request (head and
+    body) within ``read_timeout_s`` of opening or of its previous answer, or it is closed. uvicorn alone
+    waits forever for a first request or for the rest of a partial one (slowloris); its keep-alive timeout
+    only covers idle time after an answer. The batcher is never held either way (a request joins the queue
+    only once its body is read), but each held connection costs a socket and, mid-body, a request task."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpTools(HttpToolsProtocol):
+        _read_deadline = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.timeout_keep_alive_task is not None:  # idle now (not a pipelined request starting)
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_deadline = self.loop.call_later(read_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._read_deadline is not None:
+                self._read_deadline.cancel()
+                self._read_deadline = None
+
+        def _too_slow(self) -> None:
+            self._read_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedHttpTools
