@@ -9,13 +9,14 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools bench-service loadtest docker-ci clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
 	@echo "make test       install everything, build a small artifact, run every test"
 	@echo "make artifact   retrain the shipped Banking77 model into models/banking77/1"
 	@echo "make bench      benchmark the service (batching on/off, baselines)"
+	@echo "make bench-service  the service's throughput bar in one table (M, H, batching on/off; ~2 min)"
 	@echo "make loadtest   headless Locust against a running service"
 	@echo "make docker-ci  build the image, docker compose up, check answers, stop under load, loadtest profile"
 	@echo "make overload   3x capacity for 60 s against a fresh service: no hangs, 503 + Retry-After, recovery (~2 min)"
@@ -74,6 +75,11 @@ bench-tools:
 # Starts every configuration itself on 127.0.0.1 (server on core 0, load on core 1); about 6 minutes.
 bench: $(VENV)/.all bench-tools
 	$(PY) -m loadtest.bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+
+# The service's throughput bar in one table: model in process (M), constant FastAPI endpoint (H), batching on and
+# off, 64 clients, server pinned to core 0 and wrk to core 1 (README, "Serving"); about 2 minutes.
+bench-service: $(VENV)/.serve bench-tools
+	$(PY) scripts/bench_service.py --model-dir $(MODEL_DIR) $(BENCH_SERVICE_ARGS)
 
 # Headless Locust against a service that is already running (make serve); reports in loadtest/reports/.
 loadtest: $(VENV)/.load
