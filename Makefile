@@ -72,7 +72,7 @@ bench-tools:
 		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; }; } \
 		|| echo "wrk not installed (needs apt-get as root): the harness falls back to Locust"
 
-# Starts every configuration itself on 127.0.0.1 (server on core 0, load on core 1); about 6 minutes.
+# Starts every configuration itself on 127.0.0.1 (server on core 0, load on core 1); about 5 minutes.
 bench: $(VENV)/.all bench-tools
 	$(PY) -m loadtest.bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 

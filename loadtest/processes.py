@@ -172,6 +172,25 @@ class Server:
             stop(self.process)
 
 
+def core_busy_seconds(core: int | None) -> float | None:
+    """CPU seconds core ``core`` has spent busy since boot, whoever ran (from /proc/stat); None if unknown.
+
+    Minus the server's own CPU time over a point, it tells how much other work shared the server's core:
+    this machine is shared, and a point measured beside someone else's job is not the server's figure.
+    """
+    if core is None:
+        return None
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            fields = line.split()
+            if fields[0] == f"cpu{core}":
+                ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
+                return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _tail(log: Path, lines: int = 5) -> str:
     try:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:]) or "(no output)"

@@ -60,13 +60,17 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
     out += ["| the service with batching | value | from |", "|---|---|---|"]
     out += [f"| {label} | {value} | {how} |" for label, value, how in ratios(run)]
     out += ["", "p99 latency (ms) by closed-loop concurrency (clients each waiting for their answer):", ""]
-    out += _by_level(points, names, configs, levels, "p99_ms", 1)
+    out += _by_level(points, names, configs, levels, "p99_ms", 1, meta)
     out += ["", "Sentences/s by closed-loop concurrency:", ""]
-    out += _by_level(points, names, configs, levels, "sentences_per_s", 0)
+    out += _by_level(points, names, configs, levels, "sentences_per_s", 0, meta)
+    if any(_disturbed(p, meta) for p in points):
+        out += ["", f"† other processes used more than {meta['max_other_cpu']:.0%} of the server's core during this "
+                "point, measured twice: the figure understates the configuration."]
     opened = [p for p in points if p["mode"] == "open"]
     if opened:
-        out += ["", "Open loop (requests start at a fixed rate whatever the latency; latency counts from each "
-                "request's due time, so queueing shows):", "",
+        out += ["", "Open loop (requests start at a fixed rate whatever the latency; latency, of the answered "
+                "requests, counts from each request's due time, so queueing shows; errors: HTTP refusals, or "
+                "Timeout when no answer came within the grace period after the last start):", "",
                 "| configuration | offered req/s | answered req/s | sentences/s | p50 ms | p90 ms | p99 ms | errors "
                 "| generator lag ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for p in opened:
@@ -75,15 +79,17 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
                        f"| {p.get('lag_ms', 0):,.0f} |")
     if plot_name:
         out += ["", f"![latency percentiles vs throughput]({plot_name})"]
-    out += ["", "Every closed-loop point (server CPU and load CPU: CPU seconds per second of the point; "
-            "load CPU near 1.0 would mean the load generator, not the server, was the limit):", "",
+    out += ["", "Every closed-loop point (CPU columns: CPU seconds per second of the point. Server CPU below 1.0 at "
+            "high concurrency means the server waited on something; others on server core: other processes' use of "
+            "the server's core; load CPU near 1.0 would mean the load generator, not the server, was the limit):", "",
             "| configuration | generator | clients | req/s | sentences/s | p50 ms | p90 ms | p99 ms | errors "
-            "| server CPU | load CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| server CPU | others on server core | load CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         if p["mode"] in ("closed", "check"):
             out.append(f"| {names[p['config']]} | {p['generator']} | {p['load']} | {p['rps']:,.0f} "
                        f"| {p['sentences_per_s']:,.0f} | {p['p50_ms']:,.1f} | {p['p90_ms']:,.1f} | {p['p99_ms']:,.1f} "
-                       f"| {_errors(p)} | {p.get('server_cpu', 0):.2f} | {p.get('load_cpu', 0):.2f} |")
+                       f"| {_errors(p)} | {p.get('server_cpu', 0):.2f} | {_share(p.get('other_cpu'))} "
+                       f"| {p.get('load_cpu', 0):.2f} |")
     check = _generator_check(points)
     if check:
         out += ["", check]
@@ -102,6 +108,15 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
     return "\n".join(out) + "\n"
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _disturbed(point: dict, meta: dict) -> bool:
+    """Other processes took a real share of the server's core during this point, even after a second try."""
+    return (point.get("other_cpu") or 0.0) > meta.get("max_other_cpu", 1.0)
+
+
 def _errors(point: dict) -> str:
     kinds = point.get("error_kinds")
     if point["errors"] and kinds:
@@ -109,15 +124,18 @@ def _errors(point: dict) -> str:
     return str(point["errors"])
 
 
-def _by_level(points, names, configs, levels, key, digits) -> list[str]:
+def _by_level(points, names, configs, levels, key, digits, meta) -> list[str]:
     rows = [f"| configuration | {' | '.join(f'c={level}' for level in levels)} |",
             f"|---|{'---:|' * len(levels)}"]
     for config in configs:
         cells = []
         for level in levels:
             found = [p for p in points if p["config"] == config and p["mode"] == "closed" and p["load"] == level]
-            cells.append(_number(found[0][key], digits) + (" (errors)" if found and found[0]["errors"] else "")
-                         if found else "-")
+            if not found:
+                cells.append("-")
+                continue
+            marks = (" (errors)" if found[0]["errors"] else "") + (" †" if _disturbed(found[0], meta) else "")
+            cells.append(_number(found[0][key], digits) + marks)
         rows.append(f"| {names[config]} | {' | '.join(cells)} |")
     return rows
 
@@ -162,16 +180,35 @@ def plot(run: dict, path: Path) -> None:
                                       textcoords="offset points", xytext=(3, 3), color=colour)
     for axis, title in zip(axes, ("p50", "p90", "p99")):
         axis.set_title(f"{title} latency vs throughput")
-        axis.set_xlabel("sentences/s")
+        axis.set_xlabel("sentences/s (log scale)")
+        axis.set_xscale("log")
         axis.set_yscale("log")
         axis.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("latency (ms, log scale)")
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(f"{run['meta']['cpu']}: server on one core, load on another "
                     "(numbers beside closed-loop points: concurrent clients)", fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtest.report RESULTS/bench.json``: redraw the table and plot of a finished run, no measuring."""
+    import json
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1 or not Path(args[0]).is_file():
+        print("usage: python -m loadtest.report path/to/bench.json", file=sys.stderr)
+        return 2
+    source = Path(args[0])
+    run = json.loads(source.read_text(encoding="utf-8"))
+    plot(run, source.with_name("bench.png"))
+    source.with_name("bench.md").write_text(markdown(run, "bench.png"), encoding="utf-8")
+    print(f"wrote {source.with_name('bench.md')} and {source.with_name('bench.png')}")
+    return 0
 
 
 def update_benchmarks(path: Path, section: str) -> None:
@@ -181,3 +218,7 @@ def update_benchmarks(path: Path, section: str) -> None:
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,7 +52,8 @@ def test_tiny_run_writes_table_plot_and_section(tmp_path: Path) -> None:
     benchmarks.write_text("# Benchmarks\n\nHand-written notes stay.\n", encoding="utf-8")
     result = bench("--configs", "constant,naive-torch", "--generator", "locust", "--concurrency", "1,4",
                    "--seconds", "2", "--warmup", "0.5", "--open-fractions", "0.3", "--open-seconds", "1",
-                   "--ceiling-seconds", "0.2", "--out", str(tmp_path / "out"), "--benchmarks", str(benchmarks))
+                   "--ceiling-seconds", "0.2", "--max-other-cpu", "1", "--out", str(tmp_path / "out"),
+                   "--benchmarks", str(benchmarks))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     run = json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -77,6 +78,12 @@ def test_tiny_run_writes_table_plot_and_section(tmp_path: Path) -> None:
     assert "](out/bench.png)" in text  # the plot, linked relative to BENCHMARKS.md
     assert not leftovers(str(tmp_path))
 
+    (tmp_path / "out" / "bench.png").unlink()  # redrawn from the JSON alone, nothing measured
+    redraw = subprocess.run([sys.executable, "-m", "loadtest.report", str(tmp_path / "out" / "bench.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert redraw.returncode == 0, redraw.stderr
+    assert matplotlib.image.imread(tmp_path / "out" / "bench.png").shape == image.shape
+
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (make bench-tools)")
 def test_wrk_generator_measures_the_constant_app(tmp_path: Path) -> None:
@@ -88,6 +95,24 @@ def test_wrk_generator_measures_the_constant_app(tmp_path: Path) -> None:
     assert point["generator"] == "wrk" and point["errors"] == 0 and point["requests"] > 0
     assert point["sentences_per_s"] > point["rps"] > 0  # the mix has multi-text requests
     assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"]
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2, reason="needs taskset and 2 cores")
+def test_a_point_disturbed_by_other_work_is_measured_again_and_marked(tmp_path: Path) -> None:
+    hog = subprocess.Popen(["timeout", "60", "taskset", "-c", "0", sys.executable, "-c", "while True: pass"],
+                           start_new_session=True)
+    try:
+        result = bench("--configs", "constant", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
+                       "--no-open", "--no-ceiling", "--no-generator-check", "--out", str(tmp_path),
+                       "--benchmarks", "none")
+    finally:
+        os.killpg(hog.pid, signal.SIGKILL)
+        hog.wait()
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "went to other processes; measuring again" in result.stdout
+    [point] = json.loads((tmp_path / "bench.json").read_text())["points"]
+    assert point["attempts"] == 2 and point["other_cpu"] > 0.1
+    assert " †" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
