@@ -128,6 +128,7 @@ def test_interrupted_run_stops_every_process_it_started(tmp_path: Path, sig: int
             lines.append(line)
             if "ready on" in line:
                 break
+        assert lines and "ready on" in lines[-1], "".join(lines)[-2000:]
         server_pid = int(lines[-1].rsplit("pid ", 1)[1].rstrip(")\n"))
         deadline = time.monotonic() + 30
         children: list[psutil.Process] = []
