@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         sentences = read_sentences(args.data)
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler (measured: CI run with `&` left Ctrl-C without effect).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / "logs"
     log_dir.mkdir(exist_ok=True)
