@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +111,34 @@ def service(test_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     service = start_service(test_artifact, tmp_path_factory.mktemp("service") / "service.log")
     yield service
     service.stop()
+
+
+@contextmanager
+def in_process(runtime, **settings):
+    """The real app (FastLane, as ``python -m service`` serves it) on a real uvicorn in a thread, 127.0.0.1."""
+    import uvicorn
+
+    from service.app import FastLane, create_app
+    from service.settings import Settings
+
+    app = FastLane(create_app(Settings(model_dir=runtime.artifact.folder, **settings), runtime))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -24,40 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import read_metric
+from conftest import in_process, read_metric
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def in_process(runtime, **settings):
-    """The real app (FastLane, as ``python -m service`` serves it) on a real uvicorn in a thread, 127.0.0.1."""
-    import uvicorn
-
-    from service.app import FastLane, create_app
-    from service.settings import Settings
-
-    app = FastLane(create_app(Settings(model_dir=runtime.artifact.folder, **settings), runtime))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.mark.slow

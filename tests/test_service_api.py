@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from conftest import in_process
+
 TEXT = "I still have not received my new card, I ordered over a week ago."
 
 
@@ -214,33 +216,16 @@ def test_client_that_leaves_costs_no_model_run(test_artifact, metric):
     """Real uvicorn (in a thread) and the real model, held at a gate so the leaver's sentences must wait."""
     import threading
 
-    import uvicorn
-
-    from service.app import FastLane, create_app
     from service.runtime import load_runtime
-    from service.settings import Settings
 
     runtime = load_runtime(test_artifact)
     gate, real_run = threading.Event(), runtime.run
     gate.set()
     runtime.run = lambda sequences: (gate.wait(30), real_run(sequences))[1]
-    app = FastLane(create_app(Settings(model_dir=test_artifact), runtime))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
 
     def wait_for(condition) -> None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if condition():
-                    return
-            except httpx.TransportError:  # not listening yet
-                pass
+        while time.monotonic() < deadline and not condition():
             time.sleep(0.01)
 
     def request(body: dict) -> bytes:
@@ -248,28 +233,27 @@ def test_client_that_leaves_costs_no_model_run(test_artifact, metric):
         return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
 
-    try:
-        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
-        gate.clear()
-        blocker = socket.create_connection(("127.0.0.1", port))
-        blocker.sendall(request({"text": TEXT}))  # its model run now waits at the gate
-        wait_for(lambda: metric(url, "scs_requests_in_flight") >= 2)
-        gone = socket.create_connection(("127.0.0.1", port))
-        gone.sendall(request({"texts": [f"gone {j}" for j in range(64)]}))
-        wait_for(lambda: metric(url, "scs_queue_depth") == 64)
-        gone.close()
-        wait_for(lambda: metric(url, "scs_rejections_total", reason="client_disconnected") >= 1)
-        gate.set()
-        blocker.settimeout(30)
-        assert blocker.recv(64).startswith(b"HTTP/1.1 200")
-        blocker.close()
-        assert metric(url, "scs_rejections_total", reason="client_disconnected") == 1
-        wait_for(lambda: metric(url, "scs_queue_depth") == 0)
-        assert metric(url, "scs_batch_size_sentences_sum") == 1  # the blocker's sentence; none of the leaver's 64
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(30)
+    with in_process(runtime) as url:
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            gate.clear()
+            blocker = socket.create_connection(("127.0.0.1", port))
+            blocker.sendall(request({"text": TEXT}))  # its model run now waits at the gate
+            wait_for(lambda: metric(url, "scs_requests_in_flight") >= 2)
+            gone = socket.create_connection(("127.0.0.1", port))
+            gone.sendall(request({"texts": [f"gone {j}" for j in range(64)]}))
+            wait_for(lambda: metric(url, "scs_queue_depth") == 64)
+            gone.close()
+            wait_for(lambda: metric(url, "scs_rejections_total", reason="client_disconnected") >= 1)
+            gate.set()
+            blocker.settimeout(30)
+            assert blocker.recv(64).startswith(b"HTTP/1.1 200")
+            blocker.close()
+            assert metric(url, "scs_rejections_total", reason="client_disconnected") == 1
+            wait_for(lambda: metric(url, "scs_queue_depth") == 0)
+            assert metric(url, "scs_batch_size_sentences_sum") == 1  # the blocker's sentence; none of the leaver's 64
+        finally:
+            gate.set()  # never leave the model thread waiting, even when an assertion failed
 
 
 def test_fastapi_route_serves_classify_without_the_fast_lane(test_artifact):
