@@ -75,23 +75,24 @@ def onnx_predict(sess: ort.InferenceSession, sequences: list[list[int]], pad_id:
     return out
 
 
-def verify(model: SentenceClassifier, onnx_path: Path, sequences: list[list[int]]) -> dict:
+def verify(model: SentenceClassifier, onnx_path: Path, sequences: list[list[int]]) -> tuple[dict, np.ndarray]:
     """Parity (ONNX vs torch) and batch invariance (alone vs inside mixed-length padded batches) on ``sequences``.
 
+    Returns the checks and the ONNX probabilities of each sentence run alone (the caller scores them).
     Raises ``UserError`` when either bound is broken, so a bad artifact is never written as good.
     """
     pad_id = model.shape.pad_id
     sess = session(onnx_path)
     torch_probs = predict(model, sequences, pad_id)
     alone = np.concatenate([run_batch(sess, [s], pad_id) for s in sequences])
-    mixed = np.maximum.reduce([np.abs(onnx_predict(sess, sequences, pad_id, size, seed) - alone)
-                               for size, seed in ((64, 1), (17, 2), (256, 3))])
-    mixed_argmax = onnx_predict(sess, sequences, pad_id, 64, 1).argmax(1)
+    mixes = [onnx_predict(sess, sequences, pad_id, size, seed) for size, seed in ((64, 1), (17, 2), (256, 3))]
+    mixed = np.maximum.reduce([np.abs(probabilities - alone) for probabilities in mixes])
+    argmax_changes = np.logical_or.reduce([probabilities.argmax(1) != alone.argmax(1) for probabilities in mixes])
     result = {
         "checked_sentences": len(sequences),
         "parity_max_abs_diff": float(np.abs(torch_probs - alone).max()),
         "batch_invariance_max_abs_diff": float(mixed.max()),
-        "batch_invariance_argmax_changes": int((mixed_argmax != alone.argmax(1)).sum()),
+        "batch_invariance_argmax_changes": int(argmax_changes.sum()),
         "tolerance": TOLERANCE,
     }
     if result["parity_max_abs_diff"] > TOLERANCE:
@@ -101,4 +102,4 @@ def verify(model: SentenceClassifier, onnx_path: Path, sequences: list[list[int]
             f"batch invariance broken: max abs diff {result['batch_invariance_max_abs_diff']:.2e}, "
             f"{result['batch_invariance_argmax_changes']} argmax changes"
         )
-    return result
+    return result, alone

@@ -21,7 +21,7 @@ from . import artifact
 from .config import TrainConfig
 from .data import Dataset, Split, stratified_split
 from .errors import UserError
-from .export import OPSET, export_onnx, onnx_predict, session, verify
+from .export import OPSET, export_onnx, verify
 from .report import plot_confusion_matrix, plot_training_curve, test_metrics
 from .tokenizer import PAD, UNK, encode, fit_tokenizer
 from .train import TrainResult, predict, train
@@ -87,9 +87,9 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
 
         # The test split is touched here, once, after the model was chosen on validation.
         test_ids = encode(tokenizer, dataset.test.texts, config.max_length)
-        checks = verify(result.model, staging / "model.onnx", test_ids)
+        checks, probabilities = verify(result.model, staging / "model.onnx", test_ids)
         targets = np.array([index[label] for label in dataset.test.labels])
-        predictions = onnx_predict(session(staging / "model.onnx"), test_ids, pad_id).argmax(1)
+        predictions = probabilities.argmax(1)
         metrics, report = test_metrics(targets, predictions, labels)
         log(report)
         plot_confusion_matrix(targets, predictions, labels, staging / "confusion_matrix.png")
