@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from . import logs
 from .app import FastLane, ServiceState, create_app
 from .errors import ArtifactError
-from .security import guarded_http
+from .protocol import http_protocol
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -42,6 +42,13 @@ class DrainingServer(uvicorn.Server):
             timer.start()
         else:
             super().handle_exit(sig, frame)
+
+
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    """How the service is served: our HTTP protocol (read deadline, disconnect notice), no access log from uvicorn."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                          log_level=settings.log_level, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+                          server_header=False, proxy_headers=False, http=http_protocol(settings.read_timeout_s))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: %s", error)
         print(f"error: refusing to start: {error}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(FastLane(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            log_level=settings.log_level, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-                            server_header=False, proxy_headers=False, http=guarded_http(settings.read_timeout_s))
-    server = DrainingServer(config, app.state.service)
+    server = DrainingServer(uvicorn_config(FastLane(app), settings), app.state.service)
     server.run()
     return 0 if server.started else 1
 

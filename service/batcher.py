@@ -69,6 +69,10 @@ class Job:
         if not self.future.done():
             self.future.set_exception(error)
 
+    def disconnect(self) -> None:
+        """The client left: its sentences still queued are dropped, never run."""
+        self.fail(Disconnected())
+
 
 class Item:
     """One queued sentence."""

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from . import errors
 from .batcher import BatchFailed, Closed, DeadlineExceeded, Disconnected, QueueFull
 from .logs import request_id
+from .protocol import DISCONNECT_NOTICE
 from .schemas import ClassifyRequest, Limits, error_details
 
 if TYPE_CHECKING:
@@ -73,7 +74,12 @@ class ClassifyEndpoint:
             raise errors.queue_full() from None
         except Closed:
             raise errors.not_ready(True) from None
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, job))
+        notice = scope.get("extensions", {}).get(DISCONNECT_NOTICE)
+        if notice is not None:  # the server tells us when the client leaves: no watcher task needed
+            notice(job.disconnect)
+            watcher = None
+        else:
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, job))
         try:
             outputs = await job.future
         except DeadlineExceeded:
@@ -84,7 +90,8 @@ class ClassifyEndpoint:
             state.metrics.reject("client_disconnected")
             raise _ClientGone() from None
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
         labels = self.labels
         top_k = request.top_k or self.default_top_k
         predictions = []
@@ -135,7 +142,7 @@ async def _watch_disconnect(receive, job) -> None:
     """Fail the job as soon as the client goes away, so its queued sentences never run."""
     message = await receive()
     if message["type"] == "http.disconnect":
-        job.fail(Disconnected())
+        job.disconnect()
 
 
 def _too_large(limit: int) -> errors.ServiceError:

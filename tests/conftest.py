@@ -114,18 +114,22 @@ def service(test_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @contextmanager
-def in_process(runtime, **settings):
-    """The real app (FastLane, as ``python -m service`` serves it) on a real uvicorn in a thread, 127.0.0.1."""
+def in_process(runtime, plain_uvicorn: bool = False, **settings):
+    """The real app (FastLane) on a real uvicorn in a thread, 127.0.0.1, served as ``python -m service`` serves
+    it (``uvicorn_config``) or, with ``plain_uvicorn``, with uvicorn's own defaults (no server extensions)."""
     import uvicorn
 
+    from service.__main__ import uvicorn_config
     from service.app import FastLane, create_app
     from service.settings import Settings
 
-    app = FastLane(create_app(Settings(model_dir=runtime.artifact.folder, **settings), runtime))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    config = Settings(model_dir=runtime.artifact.folder, host="127.0.0.1", port=port, **settings)
+    app = FastLane(create_app(config, runtime))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+                            if plain_uvicorn else uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -212,8 +212,11 @@ def test_deadline_answers_504_and_drops_the_work(service_factory, test_artifact)
     assert slow.metric("scs_rejections_total", reason="deadline_exceeded") == statuses.count(504)
 
 
-def test_client_that_leaves_costs_no_model_run(test_artifact, metric):
-    """Real uvicorn (in a thread) and the real model, held at a gate so the leaver's sentences must wait."""
+@pytest.mark.parametrize("plain_uvicorn", [False, True], ids=["disconnect-notice", "watcher-task"])
+def test_client_that_leaves_costs_no_model_run(test_artifact, metric, plain_uvicorn):
+    """Real uvicorn (in a thread) and the real model, held at a gate so the leaver's sentences must wait.
+    Served as ``python -m service`` serves (our protocol's disconnect notice) and by plain uvicorn, where
+    the handler's watcher task must notice instead."""
     import threading
 
     from service.runtime import load_runtime
@@ -233,7 +236,7 @@ def test_client_that_leaves_costs_no_model_run(test_artifact, metric):
         return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
 
-    with in_process(runtime) as url:
+    with in_process(runtime, plain_uvicorn=plain_uvicorn) as url:
         try:
             port = int(url.rsplit(":", 1)[1])
             gate.clear()
