@@ -53,7 +53,7 @@ $(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py)
 
 test-artifact: $(TEST_ARTIFACT)/manifest.json
 
-test: $(VENV)/.all test-artifact
+test: $(VENV)/.all test-artifact bench-tools
 	$(PY) -m pytest -q
 
 # Load testing and benchmarks (README, "Load testing & benchmarks").

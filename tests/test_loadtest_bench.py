@@ -173,3 +173,27 @@ def test_benchmarks_section_is_replaced_not_appended(tmp_path: Path) -> None:
     report.update_benchmarks(path, "second\n")
     text = path.read_text()
     assert "first" not in text and text.count("second") == 1 and text.endswith("## Notes kept after the section\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (make bench-tools)")
+def test_bench_service_prints_the_throughput_table(tmp_path: Path) -> None:
+    """scripts/bench_service.py (the serving issue's bar) end to end, tiny: M, H and two off/on rounds."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "scripts/bench_service.py", "--model-dir", str(ARTIFACT.parent),
+                           "--seconds", "1", "--rounds", "2", "--connections", "8", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 2
+    for pair in result["rounds"]:
+        assert pair["off"]["requests_per_s"] > 0 and pair["on"]["requests_per_s"] > 0
+        assert pair["off"]["non_2xx"] == 0 and pair["on"]["non_2xx"] == 0
+        assert pair["off"]["mean_batch"] == 1.0  # batching off really ran one sentence per model run
+    ratios = sorted(pair["on_over_off"] for pair in result["rounds"])
+    assert result["on_over_off"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds
+    assert result["model"]["sentences_per_s"] > 0 and result["constant"]["requests_per_s"] > 0
+    assert "| on / off, median of rounds |" in done.stdout and "2 off/on rounds" in done.stdout
+    bad = subprocess.run([sys.executable, "scripts/bench_service.py", "--rounds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
