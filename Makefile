@@ -16,7 +16,7 @@ help:
 	@echo "make test       install everything, build a small artifact, run every test"
 	@echo "make artifact   retrain the shipped Banking77 model into models/banking77/1"
 	@echo "make bench      benchmark the service (batching on/off, baselines)"
-	@echo "make bench-service  the service's throughput bar in one table (M, H, batching on/off; ~2 min)"
+	@echo "make bench-service  the service's throughput bar in one table (M, H, 3 off/on pairs; ~4 min)"
 	@echo "make loadtest   headless Locust against a running service"
 	@echo "make docker-ci  build the image, docker compose up, check answers, stop under load, loadtest profile"
 	@echo "make overload   3x capacity for 60 s against a fresh service: no hangs, 503 + Retry-After, recovery (~2 min)"
@@ -77,7 +77,7 @@ bench: $(VENV)/.all bench-tools
 	$(PY) -m loadtest.bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
 # The service's throughput bar in one table: model in process (M), constant FastAPI endpoint (H), batching on and
-# off, 64 clients, server pinned to core 0 and wrk to core 1 (README, "Serving"); about 2 minutes.
+# off in 3 alternating pairs, 64 clients, server pinned to core 0 and wrk to core 1 (README, "Serving"); about 4 minutes.
 bench-service: $(VENV)/.serve bench-tools
 	$(PY) scripts/bench_service.py --model-dir $(MODEL_DIR) $(BENCH_SERVICE_ARGS)
 

@@ -130,6 +130,19 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, from /proc (Linux); empty elsewhere."""
+    tick, found = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            found[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        return {}
+    return found
+
+
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -178,6 +191,13 @@ def wrk(port: int, script: Path, connections: int, seconds: float, cpu: int) -> 
             "p90_ms": latency.get("90"), "p99_ms": latency.get("99")}
 
 
+def _cpu(run: dict) -> str:
+    split = run.get("cpu_us_per_request")
+    if not split:
+        return "n/a"
+    return f"{split['event_loop']:,.0f} + {split['model_thread']:,.0f} us"
+
+
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
@@ -190,15 +210,22 @@ def bench_service(model_dir: Path, script: Path, args, batching: bool) -> dict:
                     args.server_cpu, port, env)
     try:
         wrk(port, script, args.connections, 2, args.load_cpu)  # warm up
-        before = scrape(port)
+        before, cpu_before = scrape(port), thread_cpu_seconds(process.pid)
         loaded = wrk(port, script, args.connections, args.seconds, args.load_cpu)
-        after = scrape(port)
+        after, cpu_after = scrape(port), thread_cpu_seconds(process.pid)
         single = wrk(port, script, 1, args.seconds, args.load_cpu)
     finally:
         stop(process)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     batches = delta.get("scs_batch_size_sentences_count", 0)
+    # Where a request's CPU goes: the event loop's thread (HTTP, parsing, tokenizing, batching) and the rest
+    # (the model's worker thread: onnxruntime and the batch's numpy work).
+    requests = loaded["requests_per_s"] * args.seconds
+    spent = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
+    loop_us = spent.get(process.pid, 0.0) / requests * 1e6 if spent else None
+    other_us = (sum(spent.values()) - spent.get(process.pid, 0.0)) / requests * 1e6 if spent else None
     return loaded | {
+        "cpu_us_per_request": {"event_loop": loop_us, "model_thread": other_us} if spent else None,
         "one_client": single,
         "mean_batch": delta.get("scs_batch_size_sentences_sum", 0) / batches if batches else 0,
         "padding_ratio": delta["scs_padded_tokens_total"] / delta["scs_real_tokens_total"]
@@ -279,6 +306,8 @@ def table(r: dict, args) -> str:
         ("service, batching on, median round", f"{on['requests_per_s']:,.0f} req/s",
          f"p50 {on['p50_ms']:.2f} ms, p99 {on['p99_ms']:.2f} ms, non-2xx {on['non_2xx']}, mean batch "
          f"{on['mean_batch']:.1f}, padded/real tokens {on['padding_ratio']:.2f}"),
+        ("CPU per request: event loop + model thread", _cpu(off) + " (off); " + _cpu(on) + " (on)",
+         "from /proc per-thread times; the model thread's share is per sentence here"),
         ("on / off, median of rounds", f"{r['on_over_off']:.2f}x", "bar: >= 3x; rounds: " + ", ".join(
             f"{x['on']['requests_per_s']:,.0f}/{x['off']['requests_per_s']:,.0f} = {x['on_over_off']:.2f}x"
             for x in r["rounds"])),

@@ -190,6 +190,8 @@ def test_bench_service_prints_the_throughput_table(tmp_path: Path) -> None:
         assert pair["off"]["requests_per_s"] > 0 and pair["on"]["requests_per_s"] > 0
         assert pair["off"]["non_2xx"] == 0 and pair["on"]["non_2xx"] == 0
         assert pair["off"]["mean_batch"] == 1.0  # batching off really ran one sentence per model run
+        for run in (pair["off"], pair["on"]):  # the per-thread CPU split, read from /proc
+            assert run["cpu_us_per_request"]["event_loop"] > 0 and run["cpu_us_per_request"]["model_thread"] > 0
     ratios = sorted(pair["on_over_off"] for pair in result["rounds"])
     assert result["on_over_off"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds
     assert result["model"]["sentences_per_s"] > 0 and result["constant"]["requests_per_s"] > 0
