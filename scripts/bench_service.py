@@ -25,8 +25,8 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +137,7 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            found[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+            found[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # stat fields 14-15: utime, stime
     except OSError:
         return {}
     return found
@@ -222,10 +222,12 @@ def bench_service(model_dir: Path, script: Path, args, batching: bool) -> dict:
     # (the model's worker thread: onnxruntime and the batch's numpy work).
     requests = loaded["requests_per_s"] * args.seconds
     spent = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
-    loop_us = spent.get(process.pid, 0.0) / requests * 1e6 if spent else None
-    other_us = (sum(spent.values()) - spent.get(process.pid, 0.0)) / requests * 1e6 if spent else None
+    split = None
+    if spent:
+        loop = spent.get(process.pid, 0.0)  # the main thread's id is the process id
+        split = {"event_loop": loop / requests * 1e6, "model_thread": (sum(spent.values()) - loop) / requests * 1e6}
     return loaded | {
-        "cpu_us_per_request": {"event_loop": loop_us, "model_thread": other_us} if spent else None,
+        "cpu_us_per_request": split,
         "one_client": single,
         "mean_batch": delta.get("scs_batch_size_sentences_sum", 0) / batches if batches else 0,
         "padding_ratio": delta["scs_padded_tokens_total"] / delta["scs_real_tokens_total"]
