@@ -117,6 +117,11 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._size
 
+    def held(self) -> dict[str, int]:
+        """What the batcher's own structures hold now (an idle batcher must hold nothing): for leak checks."""
+        return {"queued": self._size, "fifo": len(self._fifo), "buckets": sum(map(len, self._buckets.values())),
+                "jobs": len(self._jobs)}
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="batcher-deadlines")
@@ -166,6 +171,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if self._size == 0:
+                # Nothing live is queued, so whatever the fifo and the buckets still hold was taken or discarded.
+                self._fifo.clear()
+                self._buckets.clear()
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -234,13 +242,20 @@ class Batcher:
         batch = [first]
         first.taken = True
         self._size -= 1
+        # The oldest live item is also the oldest live one of its length: what precedes it there is taken or
+        # discarded. Take it out of its bucket now, or a batch that never visits the bucket leaves it there.
+        bucket = self._buckets[first.length]
+        while bucket.popleft() is not first:
+            pass
+        if not bucket:
+            del self._buckets[first.length]
         longest = first.length
         real = first.length
         # Nearest lengths first: the same length, then one shorter, one longer, two shorter, ...
         # A side stops once its next length breaks a limit; farther lengths on that side only do worse.
         shorter_open, longer_open = True, True
         distance = 0
-        max_distance = max(max(self._buckets) - first.length, first.length - 1)
+        max_distance = max(max(self._buckets, default=0) - first.length, first.length - 1)
         while len(batch) < limits.max_batch_size and (shorter_open or longer_open) and distance <= max_distance:
             for length in ((first.length,) if distance == 0 else (first.length - distance, first.length + distance)):
                 is_longer = length > first.length

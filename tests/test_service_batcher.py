@@ -295,3 +295,25 @@ def test_any_mix_runs_each_sentence_once_within_limits_oldest_first(lengths, lim
         padded = max(map(len, batch)) * len(batch)
         assert len(batch) <= size
         assert len(batch) == 1 or (padded <= tokens and padded <= ratio * sum(map(len, batch)) + 1e-9)
+
+
+@pytest.mark.parametrize("max_batch_size, texts", [(1, 1), (64, 1), (64, 8), (1, 8)],
+                         ids=["batching-off", "batching-on", "multi-text", "off-multi-text"])
+def test_finished_work_is_not_held(max_batch_size, texts):
+    """Regression: with max_batch_size=1 every served sentence stayed in its length bucket forever (a leak of
+    about 4.6 kB per request). After any mix of work, an idle batcher holds no item and no job."""
+
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, max_batch_size=max_batch_size)
+        for round_ in range(50):
+            jobs = [batcher.submit([sentence(1 + (i * 7 + j) % 13, i) for j in range(texts)]) for i in range(40)]
+            await asyncio.gather(*(job.future for job in jobs))
+        await asyncio.sleep(0.2)  # one sweep of finished jobs
+        held = batcher.held()
+        await batcher.close()
+        return held, len(model.ran())
+
+    held, ran = run(scenario())
+    assert ran == 50 * 40 * texts
+    assert held == {"queued": 0, "fifo": 0, "buckets": 0, "jobs": 0}, held
