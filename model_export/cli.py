@@ -30,9 +30,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f"default {field.default}")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of this command
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m model_export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train, evaluate, export to ONNX and verify: writes an artifact folder")
     _add_data_arguments(train)
@@ -58,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("artifact", type=Path)
     _add_data_arguments(bench)
     bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
+    bench.add_argument("--tokenize", action="store_true", help="count tokenization in each run, as a server must")
     return parser
 
 
@@ -67,18 +73,14 @@ def _load(args):
     return load_dataset(args.data, args.text_column, args.label_column, args.test_fraction)
 
 
-def _require_artifact(folder: Path) -> dict:
-    from .artifact import SERVING_FILES
+def _artifact(folder: Path):
+    """The checked artifact (``contract.check``: files, hashes, manifest, tokenizer, graph, a test run)."""
+    import contract
 
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such artifact folder")
-    missing = [name for name in (*SERVING_FILES, "manifest.json") if not (folder / name).is_file()]
-    if missing:
-        raise UserError(f"{folder}: missing {', '.join(missing)}")
     try:
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise UserError(f"{folder / 'manifest.json'}: not valid JSON ({error})") from None
+        return contract.check(folder)
+    except contract.ArtifactError as error:
+        raise UserError(str(error)) from None
 
 
 def _config_and_data(args):
@@ -101,6 +103,9 @@ def command_train(args) -> None:
     from .pipeline import build_artifact, check_output_folder
 
     check_output_folder(args.out, args.force)
+    if not args.out.name.isdigit():
+        raise UserError(f"--out {args.out}: the last part must be an integer version folder, as in "
+                        f"models/<name>/1 (the service serves models/<name>/<version>/)")
     config, dataset = _config_and_data(args)
     name = args.name or args.out.resolve().parent.name
     info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
@@ -145,59 +150,46 @@ def command_seeds(args) -> None:
 
 def command_evaluate(args) -> None:
     import numpy as np
-    from tokenizers import Tokenizer
 
-    from .export import onnx_predict, session
-    from .tokenizer import encode
-
-    manifest = _require_artifact(args.artifact)
-    labels = json.loads((args.artifact / "labels.json").read_text(encoding="utf-8"))
-    test = _load(args).test
-    unknown = sorted(set(test.labels) - set(labels))
-    if unknown:
-        raise UserError(f"test labels not known to the model: {', '.join(unknown[:5])}")
-    tokenizer = Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
-    sequences = encode(tokenizer, test.texts, manifest["max_length"])
-    predictions = onnx_predict(session(args.artifact / "model.onnx", threads=2), sequences, manifest["pad_id"]).argmax(1)
-    index = {label: i for i, label in enumerate(labels)}
+    from .export import onnx_predict
     from .report import test_metrics
 
-    metrics, report = test_metrics(np.array([index[label] for label in test.labels]), predictions, labels)
+    artifact = _artifact(args.artifact)
+    test = _load(args).test
+    unknown = sorted(set(test.labels) - set(artifact.labels))
+    if unknown:
+        raise UserError(f"test labels not known to the model: {', '.join(unknown[:5])}")
+    manifest = artifact.manifest
+    sequences = _encode(artifact, test.texts)
+    predictions = onnx_predict(artifact.session, sequences, manifest.pad_id).argmax(1)
+    index = {label: i for i, label in enumerate(artifact.labels)}
+    metrics, report = test_metrics(np.array([index[label] for label in test.labels]), predictions, artifact.labels)
     print(report)
     print(json.dumps({"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
                       "rows": len(test)}))
 
 
-def command_check(args) -> None:
-    from .artifact import check_hashes
-    from .export import session
+def _encode(artifact, texts: list[str]) -> list[list[int]]:
+    import contract
 
-    manifest = _require_artifact(args.artifact)
-    problems = check_hashes(args.artifact)
-    labels = json.loads((args.artifact / "labels.json").read_text(encoding="utf-8"))
-    if len(labels) != manifest["num_classes"]:
-        problems.append(f"labels.json has {len(labels)} classes, manifest says {manifest['num_classes']}")
-    if not problems:
-        sess = session(args.artifact / "model.onnx")
-        names = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
-        if names != (["input_ids", "lengths"], ["probabilities"]):
-            problems.append(f"model inputs/outputs are {names}, expected (['input_ids', 'lengths'], ['probabilities'])")
-        classes = sess.get_outputs()[0].shape[1]
-        if classes != manifest["num_classes"]:
-            problems.append(f"model outputs {classes} classes, manifest says {manifest['num_classes']}")
-    if problems:
-        raise UserError(f"{args.artifact}: " + "; ".join(problems))
-    print(f"{args.artifact}: ok ({manifest['name']} v{manifest['version']}, {manifest['num_classes']} classes)")
+    manifest = artifact.manifest
+    return contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+
+
+def command_check(args) -> None:
+    manifest = _artifact(args.artifact).manifest
+    print(f"{args.artifact}: ok ({manifest.name} v{manifest.version}, {manifest.num_classes} classes)")
 
 
 def command_bench(args) -> None:
     from .bench import bench
 
-    _require_artifact(args.artifact)
-    rows = bench(args.artifact, _load(args).test.texts, seconds=args.seconds)
-    print("| threads | batch | length-grouped | sentences/s |\n|---:|---:|:---:|---:|")
+    _artifact(args.artifact)
+    rows = bench(args.artifact, _load(args).test.texts, seconds=args.seconds, tokenize=args.tokenize)
+    print("| threads | batch | length-grouped | tokenized | sentences/s |\n|---:|---:|:---:|:---:|---:|")
     for row in rows:
-        print(f"| {row['threads']} | {row['batch']} | {'yes' if row['grouped'] else 'no'} | {row['sentences_per_s']:,} |")
+        print(f"| {row['threads']} | {row['batch']} | {'yes' if row['grouped'] else 'no'} "
+              f"| {'yes' if row['tokenize'] else 'no'} | {row['sentences_per_s']:,} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+import contract
+from contract import OPSET, TOLERANCE
+
 from .errors import UserError
 from .model import SentenceClassifier
 from .train import pad_batch, predict
-
-OPSET = 17
-TOLERANCE = 1e-5
 
 
 def export_onnx(model: SentenceClassifier, path: Path) -> None:
@@ -34,9 +34,10 @@ def export_onnx(model: SentenceClassifier, path: Path) -> None:
             model,
             (ids, lengths),
             str(path),
-            input_names=["input_ids", "lengths"],
-            output_names=["probabilities"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "lengths": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_names=[contract.INPUT_IDS, contract.LENGTHS],
+            output_names=[contract.PROBABILITIES],
+            dynamic_axes={contract.INPUT_IDS: {0: "batch", 1: "seq"}, contract.LENGTHS: {0: "batch"},
+                          contract.PROBABILITIES: {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -51,12 +52,11 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=[contract.CPU])
 
 
 def run_batch(sess: ort.InferenceSession, sequences: list[list[int]], pad_id: int) -> np.ndarray:
-    ids, lengths = pad_batch(sequences, pad_id)
-    return sess.run(["probabilities"], {"input_ids": ids.numpy(), "lengths": lengths.numpy()})[0]
+    return sess.run([contract.PROBABILITIES], contract.inputs(sequences, pad_id))[0]
 
 
 def onnx_predict(sess: ort.InferenceSession, sequences: list[list[int]], pad_id: int, batch_size: int = 64,

@@ -1,4 +1,5 @@
-"""Fit a tokenizer on the training texts; the service loads the same ``tokenizer.json``."""
+"""Fit a tokenizer on the training texts; the service loads the same ``tokenizer.json`` (``contract.encode`` turns
+texts into ids on both sides)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,3 @@ def fit_tokenizer(texts: list[str], vocab_size: int, min_frequency: int = 1) -> 
     tokenizer.decoder = decoders.WordPiece()
     return tokenizer
 
-
-def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, cut to ``max_length``; a text with no tokens becomes one unknown token."""
-    unk_id = tokenizer.token_to_id(UNK)
-    return [encoding.ids[:max_length] or [unk_id] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]

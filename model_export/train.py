@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import contract
+
 from .config import TrainConfig
 from .model import ModelShape, SentenceClassifier
 
@@ -32,12 +34,9 @@ def seed_everything(seed: int) -> None:
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence in this batch: (ids [batch, seq], lengths [batch])."""
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.int64)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.int64)
-    return ids, lengths
+    """``contract.pad`` as tensors: (ids [batch, seq], lengths [batch])."""
+    ids, lengths = contract.pad(sequences, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:

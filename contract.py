@@ -1,0 +1,334 @@
+"""The artifact contract: the one thing the training half and the serving half share, and the only place it is written.
+
+A model repository is Triton-shaped: ``models/<name>/<version>/`` with integer version folders. A version folder
+holds ``FILES`` plus ``manifest.json`` (the ``Manifest`` below, sha256 of every file included). The graph takes
+``input_ids`` int64 ``[batch, seq]`` right-padded with the manifest's ``pad_id`` and ``lengths`` int64 ``[batch]``,
+and returns ``probabilities`` float32 ``[batch, num_classes]`` (softmax in the graph). Texts become ids through
+``encode`` and batches become tensors through ``inputs``: training, export checks, the service and the benchmark
+baselines all call these, so a sentence gets the same ids and the same padding everywhere.
+
+This module never imports torch or training code (the service imports it); ``check`` is what both
+``python -m model_export check`` and the service's start-up run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tokenizers import Tokenizer
+
+FILES = ("model.onnx", "tokenizer.json", "labels.json")
+MANIFEST = "manifest.json"
+INPUT_IDS, LENGTHS, PROBABILITIES = "input_ids", "lengths", "probabilities"
+INPUT_TYPES = {INPUT_IDS: "tensor(int64)", LENGTHS: "tensor(int64)"}
+OUTPUT_TYPE = "tensor(float)"
+OPSET = 17  # what the exporter writes
+MIN_OPSET = 11  # LSTM with dynamic batch and sequence axes
+TOLERANCE = 1e-5  # parity (ONNX vs torch) and batch invariance (alone vs in any padded batch), max abs difference
+CPU = "CPUExecutionProvider"
+
+
+class ArtifactError(Exception):
+    """The folder breaks the contract; the message names the file and the reason, on one line."""
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: validated when written (model_export) and when read (``check``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, protected_namespaces=())
+
+    name: str = Field(min_length=1)
+    version: str = Field(pattern=r"^\d+$")
+    created_at: str
+    files: dict[str, FileEntry]
+    num_classes: int = Field(ge=2)
+    max_length: int = Field(ge=1)
+    pad_id: int = Field(ge=0)
+    unk_id: int = Field(ge=0)
+    vocab_size: int = Field(ge=1)
+    opset: int = Field(ge=MIN_OPSET)
+    inputs: dict[str, str] = {INPUT_IDS: "int64 [batch, seq], right-padded with pad_id", LENGTHS: "int64 [batch]"}
+    outputs: dict[str, str] = {PROBABILITIES: "float32 [batch, num_classes], softmax applied"}
+    dataset: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    verification: dict[str, Any] = {}
+    versions: dict[str, Any] = {}
+
+    @field_validator("files")
+    @classmethod
+    def _lists_every_file(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        missing = [name for name in FILES if name not in files]
+        if missing:
+            raise ValueError(f"no sha256 recorded for {', '.join(missing)}")
+        return files
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A checked version folder: its manifest, labels, tokenizer and (after ``check``) an open session."""
+
+    folder: Path
+    manifest: Manifest
+    labels: list[str]
+    tokenizer: Tokenizer
+    session: Any = None  # onnxruntime.InferenceSession
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+
+# --- files and the repository layout ------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path) -> dict[str, FileEntry]:
+    return {name: FileEntry(sha256=sha256(folder / name), bytes=(folder / name).stat().st_size) for name in FILES}
+
+
+def write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The integer version folders of ``models/<name>``, oldest first (``10`` after ``9``)."""
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def version_folder(model_dir: Path, version: int | None = None) -> Path:
+    """``models/<name>`` -> its newest version folder (or ``version``); a version folder is returned as is."""
+    if not model_dir.is_dir():
+        raise ArtifactError(f"{model_dir}: no such model folder")
+    if (model_dir / MANIFEST).is_file():
+        if version is not None and model_dir.name != str(version):
+            raise ArtifactError(f"{model_dir} is version folder {model_dir.name!r}, but version {version} was pinned")
+        return model_dir
+    found = versions(model_dir)
+    if version is not None:
+        if version not in found:
+            raise ArtifactError(f"{model_dir}: no version {version} (found: {found or 'none'})")
+        return model_dir / str(version)
+    if not found:
+        raise ArtifactError(f"{model_dir}: no {MANIFEST} and no integer version folders inside")
+    return model_dir / str(found[-1])
+
+
+# --- texts to tensors ---------------------------------------------------------------------------------------------
+
+def encode(tokenizer: Tokenizer, texts: Sequence[str], max_length: int, unk_id: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per text as the model was trained on them, and whether each was cut to ``max_length``.
+
+    No special tokens; a text with no tokens becomes ``[unk_id]``. ``encode_batch_fast`` gives the same ids as
+    ``encode_batch`` without computing character offsets (measured about 10% cheaper per sentence).
+    """
+    ids, truncated = [], []
+    for encoding in tokenizer.encode_batch_fast(list(texts), add_special_tokens=False):
+        tokens = encoding.ids
+        ids.append(tokens[:max_length] or [unk_id])
+        truncated.append(len(tokens) > max_length)
+    return ids, truncated
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to this batch's longest sequence: (ids int64 [batch, seq], lengths int64 [batch])."""
+    count = len(sequences)
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=count)
+    ids = np.full((count, int(lengths.max())), pad_id, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+    return ids, lengths
+
+
+def inputs(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """The graph's input feed for one batch."""
+    ids, lengths = pad(sequences, pad_id)
+    return {INPUT_IDS: ids, LENGTHS: lengths}
+
+
+# --- checking a folder --------------------------------------------------------------------------------------------
+
+def read(folder: Path) -> Artifact:
+    """Manifest, file hashes, labels, the graph's opset and the tokenizer, each against the others.
+
+    Raises ``ArtifactError`` naming the file and what is wrong. Opens no onnxruntime session (``check`` does).
+    """
+    manifest = read_manifest(folder)
+    for name in FILES:
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (the manifest lists it)")
+        if sha256(path) != manifest.files[name].sha256:
+            raise ArtifactError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+    labels = _read_json(folder / "labels.json")
+    if not isinstance(labels, list) or not all(isinstance(label, str) and label for label in labels):
+        raise ArtifactError(f"{folder}/labels.json: expected a list of non-empty class names")
+    if len(labels) != manifest.num_classes or len(set(labels)) != len(labels):
+        raise ArtifactError(f"{folder}/labels.json: {len(labels)} labels ({len(set(labels))} distinct), "
+                            f"manifest says num_classes={manifest.num_classes}")
+    opset = onnx_opset(folder / "model.onnx")
+    if opset != manifest.opset:
+        raise ArtifactError(f"{folder}/model.onnx: graph opset {opset}, manifest says {manifest.opset}")
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as error:  # tokenizers raises plain Exception subclasses
+        raise ArtifactError(f"{folder}/tokenizer.json: cannot load ({_one_line(error)})") from None
+    vocab = tokenizer.get_vocab_size()
+    if manifest.vocab_size != vocab:
+        raise ArtifactError(f"{folder}/tokenizer.json: {vocab} ids, manifest says vocab_size={manifest.vocab_size}")
+    for key in ("pad_id", "unk_id"):
+        if getattr(manifest, key) >= vocab:
+            raise ArtifactError(f"{folder}/manifest.json: {key}={getattr(manifest, key)} outside the tokenizer's "
+                                f"{vocab} ids")
+    return Artifact(folder, manifest, labels, tokenizer)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    raw = _read_json(folder / MANIFEST)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        problem = f"missing {where!r}" if first["type"] == "missing" else f"{where or 'manifest'}: {first['msg']}"
+        raise ArtifactError(f"{folder}/{MANIFEST}: {problem}") from None
+
+
+def check(folder: Path, providers: Sequence[str] = (CPU,), intra_op_threads: int = 1,
+          inter_op_threads: int = 1) -> Artifact:
+    """``read`` the folder, open the graph in onnxruntime with ``providers`` and prove it keeps the contract:
+    input names and types, output name and class count, and a test batch of two lengths that returns one
+    probability row per sentence, each summing to 1. Returns the artifact with its open session."""
+    import onnxruntime as ort
+
+    artifact = read(folder)
+    manifest = artifact.manifest
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
+    except Exception as error:
+        raise ArtifactError(f"{folder}/model.onnx: onnxruntime {ort.__version__} cannot load it "
+                            f"(opset {manifest.opset}): {_one_line(error)}") from None
+    found = {i.name: i.type for i in session.get_inputs()}
+    if found != INPUT_TYPES:
+        raise ArtifactError(f"{folder}/model.onnx: inputs {found}, the contract says {INPUT_TYPES}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    if PROBABILITIES not in outputs or outputs[PROBABILITIES].type != OUTPUT_TYPE:
+        raise ArtifactError(f"{folder}/model.onnx: no float {PROBABILITIES!r} output (has {sorted(outputs)})")
+    shape = outputs[PROBABILITIES].shape
+    if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != manifest.num_classes):
+        raise ArtifactError(f"{folder}/model.onnx: output shape {shape} disagrees with "
+                            f"num_classes={manifest.num_classes}")
+    try:
+        probabilities = session.run([PROBABILITIES], inputs([[manifest.unk_id] * 3, [manifest.unk_id]],
+                                                            manifest.pad_id))[0]
+    except Exception as error:
+        raise ArtifactError(f"{folder}/model.onnx: a test run failed: {_one_line(error)}") from None
+    if probabilities.shape != (2, manifest.num_classes):
+        raise ArtifactError(f"{folder}/model.onnx: a test batch of 2 gave shape {probabilities.shape}, expected "
+                            f"(2, {manifest.num_classes})")
+    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
+        raise ArtifactError(f"{folder}/model.onnx: output rows do not sum to 1 (softmax must be in the graph)")
+    return Artifact(folder, manifest, artifact.labels, artifact.tokenizer, session)
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path}: not valid JSON ({error})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+# --- the graph's opset without the onnx package ---------------------------------------------------------------------
+
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset of a serialized ONNX ModelProto (field 8, ``opset_import``).
+
+    A few lines of protobuf wire-format reading, so the service needs no ``onnx`` package.
+    """
+    opsets: dict[str, int] = {}
+    try:
+        for field, value in _fields(path.read_bytes()):
+            if field == 8 and isinstance(value, bytes):
+                entry = dict(_fields(value))
+                domain = entry.get(1, b"")
+                opsets[domain.decode() if isinstance(domain, bytes) else ""] = int(entry.get(2, 0))
+    except (IndexError, ValueError) as error:
+        raise ArtifactError(f"{path}: not a readable ONNX file ({error})") from None
+    for domain in ("", "ai.onnx"):
+        if domain in opsets:
+            return opsets[domain]
+    raise ArtifactError(f"{path}: declares no default-domain opset (not an ONNX model?)")
+
+
+def _fields(data: bytes):
+    """(field number, value) pairs of one protobuf message: ints for varints, bytes for length-delimited."""
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire == 2:
+            size, position = _varint(data, position)
+            value, position = data[position : position + size], position + size
+            if position > len(data):
+                raise ValueError("truncated field")
+        elif wire in (1, 5):
+            value, position = None, position + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield field, value
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+        shift += 7

