@@ -3,7 +3,7 @@
 #   docker build --build-arg EXTRA=gpu -t sentence-classifier:gpu .   GPU image (onnxruntime-gpu replaces onnxruntime)
 #   docker build --build-arg EXTRA=load --target loadtest .       headless Locust (compose profile `loadtest`)
 # Stages: base (Debian's Python 3.11) -> requirements (one pyproject extra's list) -> build (a virtualenv holding
-# it, plus /app assembled) -> runtime (that virtualenv, service/ and models/; non-root; no compilers, pip, caches
+# it, plus /app assembled) -> runtime (that virtualenv, contract.py, service/ and models/; non-root; no compilers, pip, caches
 # or build-time CA files).
 # Plain Dockerfile syntax only: it builds with the classic builder as well as with BuildKit.
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -49,6 +49,7 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
     && find /opt/venv -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +
 # Code and models, world-readable whatever the checkout's permissions (the service runs as another user).
+COPY contract.py /app/contract.py
 COPY service/ /app/service/
 COPY models/ /app/models/
 RUN find /app -type d -name __pycache__ -exec rm -rf {} + \

@@ -1,58 +1,112 @@
-"""``python -m service``: check the model, then serve it with uvicorn; SIGTERM drains before exit."""
+"""``python -m service``: check the model, then serve it with uvicorn.
+
+Exit codes: 0 after a clean stop (SIGTERM or Ctrl-C, everything accepted answered); 1 when shutdown gave up on
+queued work (``SCS_GRACEFUL_TIMEOUT_S``) or the port could not be opened; 2 for bad settings or a model that
+breaks the contract (one line on stderr); 3 when the service failed while running (the batcher task died or
+warm-up failed: a supervisor should restart it); 128 + the signal number when a second signal cut the drain short.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
+from contract import ArtifactError
+
 from . import logs
-from .app import FastLane, ServiceState, create_app
-from .errors import ArtifactError
+from .app import App, create_app
 from .protocol import http_protocol
 from .settings import Settings
+from .state import ServiceState
 
 log = logging.getLogger("service")
+FAILED = 3
 
 
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: readiness turns 503 at once; after ``drain_seconds`` uvicorn stops accepting,
-    finishes the requests it has (the lifespan then drains the batch queue) and exits."""
+class Server(uvicorn.Server):
+    """uvicorn's server with the service's shutdown.
+
+    First SIGTERM or SIGINT: readiness turns 503 at once; after ``drain_seconds`` the port closes, and every
+    accepted request (queued and running sentences included) gets what is left of one ``graceful_timeout_s``
+    deadline. A second signal exits at once. Unlike plain uvicorn, a clean stop exits 0 rather than re-raising
+    the signal it caught.
+    """
 
     def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
         super().__init__(config)
         self.state = state
+        self.exit_code = 0
+        self.signalled = False
+        state.on_failure = self.fail
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.state.draining:  # a second signal: no more waiting
-            super().handle_exit(sig, frame)
-            return
-        self.state.draining = True
+        name = signal.Signals(sig).name
+        if self.signalled:
+            log.warning("second signal (%s): exiting now, without waiting for queued work", name)
+            logging.shutdown()
+            os._exit(128 + sig)
+        self.signalled = True
         delay = self.state.settings.drain_seconds
-        log.info("draining", extra={"fields": {"signal": signal.Signals(sig).name, "drain_seconds": delay}})
+        log.info("draining", extra={"fields": {"signal": name, "drain_seconds": delay}})
+        self.state.start_draining()
         if delay > 0:
-            timer = threading.Timer(delay, super().handle_exit, (sig, frame))
+            timer = threading.Timer(delay, self._close)
             timer.daemon = True
             timer.start()
         else:
-            super().handle_exit(sig, frame)
+            self._close()
+
+    def fail(self, reason: str) -> None:
+        """A core task died: stop (answering what can be answered) and exit ``FAILED`` for the supervisor."""
+        self.exit_code = FAILED
+        self._close()
+
+    def _close(self) -> None:
+        self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        self.state.begin_shutdown()
+        await super().shutdown(sockets)
 
 
-def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
-    """How the service is served: our HTTP protocol (read deadline, disconnect notice), no access log from uvicorn."""
+def uvicorn_config(app: App, settings: Settings) -> uvicorn.Config:
+    """How the service is served: our HTTP protocol (read deadline, disconnect notice), no access log from uvicorn,
+    and uvicorn's wait for running requests bounded by the one shutdown deadline."""
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                          log_level=settings.log_level, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-                          server_header=False, proxy_headers=False, http=http_protocol(settings.read_timeout_s))
+                          log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
+                          server_header=False, proxy_headers=False, lifespan="on",
+                          http=http_protocol(settings.read_timeout_s))
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of this command
+        self.exit(2, f"error: {message} (see python -m service --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+    parser = Parser(prog="python -m service", description=__doc__.splitlines()[0],
                                      epilog="Every setting is also an environment variable: SCS_<NAME> (see README).")
     parser.add_argument("--model-dir", type=Path, help="models/<name> (newest version) or a version folder")
     parser.add_argument("--model-version", type=int, help="pin a version under --model-dir")
@@ -80,10 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: %s", error)
         print(f"error: refusing to start: {error}", file=sys.stderr)
         return 2
-    server = DrainingServer(uvicorn_config(FastLane(app), settings), app.state.service)
+    server = Server(uvicorn_config(app, settings), app.state)
     server.run()
-    return 0 if server.started else 1
+    if not server.started:
+        return 1  # uvicorn logged why (port in use, address not available)
+    if app.state.unfinished:  # a model run outlived the deadline: do not wait for its thread at interpreter exit
+        logging.shutdown()
+        os._exit(1)
+    return server.exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals (while the model loads)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

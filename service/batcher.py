@@ -1,11 +1,11 @@
 """Dynamic batching: one asyncio task owns the queue and turns many queued sentences into few model runs.
 
-Rules (see DESIGN.md): when the runtime is idle, whatever is queued runs at once (no idle wait); while a
+Rules (docs/architecture.md, "Batching"): when the runtime is idle, whatever is queued runs at once (no idle wait); while a
 batch runs, the next one gathers. A batch starts from the oldest queued sentence (so nothing starves) and
 fills with the queued sentences nearest its length, while it stays within ``max_batch_size`` sentences,
 ``max_batch_tokens`` padded tokens (longest x count) and ``max_padding_ratio`` padded/real tokens. The
-model runs in a worker thread. A request whose deadline passed, whose client left or whose other
-sentences failed is never run. A failing run fails only the requests in that batch.
+model runs in a worker thread. A request whose deadline passed, whose client left (its future cancelled) or
+whose other sentences failed is never run. A failing run fails only the requests in that batch.
 """
 
 from __future__ import annotations
@@ -16,51 +16,31 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
-from .errors import new_error_id
+from .errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull, internal_error, new_error_id
 
 log = logging.getLogger("service.batcher")
 
-
-class QueueFull(Exception):
-    """The queue cannot take every sentence of the request: refuse it whole (503)."""
-
-
-class Closed(Exception):
-    """The batcher is draining or stopped: no new work (503)."""
-
-
-class DeadlineExceeded(Exception):
-    """The request was not answered in time; its queued sentences were dropped (504)."""
-
-
-class Disconnected(Exception):
-    """The client went away; its queued sentences were dropped."""
-
-
-class BatchFailed(Exception):
-    """The model run holding one of the request's sentences raised; ``error_id`` is in the log line (500)."""
-
-    def __init__(self, error_id: str) -> None:
-        super().__init__(error_id)
-        self.error_id = error_id
+R = TypeVar("R")  # what the model gives back per sentence
+T = TypeVar("T")
 
 
 class BatchMetrics(Protocol):
+    def observe_dispatch(self, waits: Sequence[float]) -> None: ...  # a batch leaves the queue: each one's wait
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
-    def observe_queue_wait(self, seconds: float) -> None: ...
     def reject(self, reason: str) -> None: ...
 
 
-class Job:
-    """One request: its sentences resolve ``future`` together, in input order."""
+class Job(Generic[R]):
+    """One request: its sentences resolve ``future`` together, in input order. Cancelling the future (the
+    client left) drops its sentences that are still queued."""
 
     __slots__ = ("future", "results", "remaining", "deadline", "request_id")
 
     def __init__(self, future: asyncio.Future, count: int, deadline: float, request_id: str | None) -> None:
         self.future = future
-        self.results: list[Any] = [None] * count
+        self.results: list[R | None] = [None] * count
         self.remaining = count
         self.deadline = deadline
         self.request_id = request_id
@@ -68,10 +48,6 @@ class Job:
     def fail(self, error: Exception) -> None:
         if not self.future.done():
             self.future.set_exception(error)
-
-    def disconnect(self) -> None:
-        """The client left: its sentences still queued are dropped, never run."""
-        self.fail(Disconnected())
 
 
 class Item:
@@ -85,18 +61,20 @@ class Item:
         self.taken = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchLimits:
-    max_batch_size: int = 64
-    max_batch_tokens: int = 4096
-    max_padding_ratio: float = 1.15
-    max_wait_ms: float = 0.0
-    max_queue_size: int = 4096
-    timeout_s: float = 10.0
+    """The batching knobs; the settings of the same names are their one source (``Settings.batch_limits``)."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    max_padding_ratio: float
+    max_wait_ms: float
+    max_queue_size: int
+    request_timeout_s: float
 
 
-class Batcher:
-    def __init__(self, run: Callable[[list[list[int]]], Sequence[Any]], limits: BatchLimits,
+class Batcher(Generic[R]):
+    def __init__(self, run: Callable[[list[list[int]]], Sequence[R]], limits: BatchLimits,
                  metrics: BatchMetrics | None = None, executor: ThreadPoolExecutor | None = None) -> None:
         self._run_model = run
         self.limits = limits
@@ -105,7 +83,7 @@ class Batcher:
         self._own_executor = executor is None
         self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
         self._buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
-        self._jobs: deque[Job] = deque()  # arrival order == deadline order (one timeout for all)
+        self._jobs: deque[Job[R]] = deque()  # arrival order == deadline order (one timeout for all)
         self._size = 0  # queued items not yet taken (some may belong to finished jobs until discarded)
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -122,21 +100,37 @@ class Batcher:
         return {"queued": self._size, "fifo": len(self._fifo), "buckets": sum(map(len, self._buckets.values())),
                 "jobs": len(self._jobs)}
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="batcher-deadlines")
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Start the owner task (and the deadline sweeper); ``on_failure`` hears if either dies."""
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name="batcher")
+        self._sweeper = loop.create_task(self._sweep(), name="batcher-deadlines")
+        for task in (self._task, self._sweeper):
+            task.add_done_callback(lambda done: self._ended(done, on_failure))
 
-    def submit(self, sequences: list[list[int]], request_id: str | None = None) -> Job:
-        """Queue every sentence of one request, or none of them (``QueueFull`` / ``Closed``)."""
+    def _ended(self, task: asyncio.Task, on_failure: Callable[[BaseException], None] | None) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.critical("batcher task %s died", task.get_name(), exc_info=error)
+        self._closing = True  # nothing new is accepted; everything waiting is answered now rather than at 504
+        failure = internal_error(new_error_id())
+        for job in self._jobs:
+            job.fail(failure)
+        if on_failure is not None:
+            on_failure(error)
+
+    def submit(self, sequences: list[list[int]], request_id: str | None = None) -> Job[R]:
+        """Queue every sentence of one request, or none of them (``QueueFull``, or ``NotReady`` when closing)."""
         if self._closing:
-            raise Closed()
+            raise NotReady(draining=True)
         if self._size + len(sequences) > self.limits.max_queue_size:
             if self._metrics:
                 self._metrics.reject("queue_full")
             raise QueueFull()
         loop = asyncio.get_running_loop()
         now = loop.time()
-        job = Job(loop.create_future(), len(sequences), now + self.limits.timeout_s, request_id)
+        job: Job[R] = Job(loop.create_future(), len(sequences), now + self.limits.request_timeout_s, request_id)
         self._jobs.append(job)
         buckets = self._buckets
         for index, ids in enumerate(sequences):
@@ -150,7 +144,7 @@ class Batcher:
         self._wakeup.set()
         return job
 
-    async def run_in_worker(self, function: Callable[[], Any]) -> Any:
+    async def run_in_worker(self, function: Callable[[], T]) -> T:
         """Run ``function`` on the model's worker thread (warm-up), in line with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
@@ -159,7 +153,7 @@ class Batcher:
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # a task that died was reported as it died
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._own_executor:
@@ -229,7 +223,7 @@ class Batcher:
 
     def _expire(self, job: Job) -> None:
         if not job.future.done():
-            job.future.set_exception(DeadlineExceeded())
+            job.future.set_exception(DeadlineExceeded(self.limits.request_timeout_s))
             if self._metrics:
                 self._metrics.reject("deadline_exceeded")
 
@@ -292,8 +286,7 @@ class Batcher:
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
         started = loop.time()
         if self._metrics:
-            for item in batch:
-                self._metrics.observe_queue_wait(started - item.enqueued)
+            self._metrics.observe_dispatch([started - item.enqueued for item in batch])
         self.running = len(batch)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_model, [item.ids for item in batch])
@@ -313,9 +306,8 @@ class Batcher:
         finally:
             self.running = 0
         if self._metrics:
-            longest = max(item.length for item in batch)
-            self._metrics.observe_batch(len(batch), sum(item.length for item in batch), longest * len(batch),
-                                        loop.time() - started)
+            lengths = [item.length for item in batch]
+            self._metrics.observe_batch(len(batch), sum(lengths), max(lengths) * len(batch), loop.time() - started)
         for item, output in zip(batch, outputs):
             job = item.job
             if job.future.done():
@@ -328,7 +320,7 @@ class Batcher:
     async def _sweep(self) -> None:
         """Answer 504 at the deadline even while a long batch runs; forget finished jobs."""
         loop = asyncio.get_running_loop()
-        period = min(0.05, self.limits.timeout_s / 4)
+        period = min(0.05, self.limits.request_timeout_s / 4)
         jobs = self._jobs
         while True:
             await asyncio.sleep(period)

@@ -1,4 +1,9 @@
-"""One error shape for every 4xx/5xx: ``{"error": {"code", "message", "details"}}``."""
+"""Every answer other than 200, as one exception type that knows its HTTP status.
+
+The core (batcher, engine) raises these; each route writes them in its protocol's shape: ``/classify`` and the
+other service routes as ``{"error": {"code", "message", "details"}}``, the Open Inference Protocol routes as
+``{"error": "<message>"}``. ``Retry-After`` and the like travel in ``headers``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,8 @@ from typing import Any
 import orjson
 
 
-class ArtifactError(Exception):
-    """The model folder disagrees with its manifest or the contract: the service refuses to start."""
-
-
 class ServiceError(Exception):
-    """An answer other than 200 for one request; carries its HTTP status and extra headers."""
+    """An answer other than 200 for one request."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -34,19 +35,58 @@ def new_error_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def queue_full() -> ServiceError:
-    return ServiceError(503, "queue_full", "the service is at capacity; retry shortly", headers={"Retry-After": "1"})
+RETRY = {"Retry-After": "1"}
 
 
-def not_ready(draining: bool) -> ServiceError:
-    if draining:
-        return ServiceError(503, "draining", "the service is shutting down", headers={"Retry-After": "1"})
-    return ServiceError(503, "not_ready", "the model is still warming up", headers={"Retry-After": "1"})
+class QueueFull(ServiceError):
+    """The queue cannot take every sentence of the request: it is refused whole."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "queue_full", "the service is at capacity; retry shortly", headers=RETRY)
 
 
-def deadline_exceeded(timeout_s: float) -> ServiceError:
-    return ServiceError(504, "deadline_exceeded", f"the request was not answered within {timeout_s:g} s")
+class NotReady(ServiceError):
+    def __init__(self, draining: bool = False) -> None:
+        if draining:
+            super().__init__(503, "draining", "the service is shutting down", headers=RETRY)
+        else:
+            super().__init__(503, "not_ready", "the model is still warming up", headers=RETRY)
 
 
-def batch_failed(error_id: str) -> ServiceError:
-    return ServiceError(500, "model_error", "the model run for this request failed", {"error_id": error_id})
+class Unhealthy(ServiceError):
+    """A core task died or warm-up failed: the process is on its way out (and exits non-zero)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, "unhealthy", f"the service failed and is stopping: {reason}", headers=RETRY)
+
+
+class DeadlineExceeded(ServiceError):
+    """Not answered within the request's deadline; its queued sentences were dropped."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(504, "deadline_exceeded", f"the request was not answered within {timeout_s:g} s")
+
+
+class BatchFailed(ServiceError):
+    """The model run holding one of the request's sentences raised; ``error_id`` is in the log line."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(500, "model_error", "the model run for this request failed", {"error_id": error_id})
+        self.error_id = error_id
+
+
+def internal_error(error_id: str) -> ServiceError:
+    return ServiceError(500, "internal_error", "unexpected server error", {"error_id": error_id})
+
+
+def too_large(limit: int) -> ServiceError:
+    return ServiceError(413, "body_too_large", f"request body is larger than {limit} bytes", {"limit_bytes": limit})
+
+
+def unauthorized() -> ServiceError:
+    return ServiceError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <key>)",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def not_found(what: str) -> ServiceError:
+    return ServiceError(404, "not_found", what)

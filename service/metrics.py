@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -58,16 +58,20 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def observe_dispatch(self, waits: Sequence[float]) -> None:
+        """A batch leaves the queue: how long each of its sentences waited."""
+        observe = self.queue_wait.observe
+        for wait in waits:
+            observe(wait)
+
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        """One model run: its size, tokens and time."""
         self.batch_size.observe(size)
         self.batch_tokens.observe(padded_tokens)
         self.padding_ratio.observe(padded_tokens / real_tokens)
         self.real_tokens_total.inc(real_tokens)
         self.padded_tokens_total.inc(padded_tokens)
         self.run_time.observe(seconds)
-
-    def observe_queue_wait(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
 
     def reject(self, reason: str) -> None:
         child = self._reject_children.get(reason)

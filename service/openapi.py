@@ -1,8 +1,10 @@
 """The OpenAPI document states what the service enforces, so clients (and Schemathesis) can rely on it.
 
-FastAPI's generated schema knows the types but not the limits that come from settings and the model (text
-length, texts per request, top_k range, "exactly one of text/texts", no control characters), nor the
-shapes of the health endpoints, nor the bearer auth. ``document`` adds them once, when the schema is built.
+FastAPI generates the schema of the routes it serves. The hot route (``POST /classify``, a raw ASGI handler) is
+described here from the same pydantic models that validate it. Neither knows the limits that come from settings
+and the model (text length, texts per request, top_k range, "exactly one of text/texts", no control
+characters), nor the shapes of the health endpoints, nor the bearer auth. ``document`` adds all of it once,
+when the schema is first asked for.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
+from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from .security import OPEN_PATHS
 
 # What schemas.check_text refuses, as one JSON-schema pattern: no C0/C1 control character except tab,
@@ -19,7 +23,16 @@ from .security import OPEN_PATHS
 _CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
 TEXT_PATTERN = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"
 
-_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+_REF = "#/components/schemas/{model}"
+_ERROR = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
+ERRORS = {
+    "400": "malformed JSON or invalid UTF-8",
+    "413": "body larger than SCS_MAX_BODY_BYTES",
+    "422": "request does not match the schema (also: text too long, too many texts, top_k out of range)",
+    "500": "the model run failed (details.error_id is in the logs)",
+    "503": "queue full, warming up or shutting down (Retry-After)",
+    "504": "not answered within SCS_REQUEST_TIMEOUT_S",
+}
 _STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
 
 
@@ -30,6 +43,7 @@ def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: 
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
+            _classify(schema)
             _limits(schema, max_text_chars, max_texts, num_classes)
             _shapes(schema)
             if secured:
@@ -38,6 +52,28 @@ def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: 
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _classify(schema: dict) -> None:
+    _, defs = models_json_schema([(ClassifyRequest, "validation"), (ClassifyResponse, "serialization"),
+                                  (ErrorResponse, "serialization")], ref_template=_REF)
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    schema["paths"]["/classify"] = {"post": {
+        "summary": "Classify",
+        "operationId": "classify",
+        "description": "Classify one sentence (`text`) or several (`texts`); predictions come back in input order.\n\n"
+                       "Texts longer than the model's `max_length` tokens are cut and marked `truncated`.",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": _REF.format(model="ClassifyRequest")},
+            "examples": {
+                "one": {"summary": "one sentence", "value": {"text": "I still have not received my new card."}},
+                "many": {"summary": "several sentences, top 3 classes",
+                         "value": {"texts": ["How do I top up by card?", "My card was stolen"], "top_k": 3}},
+            }}}},
+        "responses": {"200": {"description": "the predictions, in input order", "content": {"application/json": {
+            "schema": {"$ref": _REF.format(model="ClassifyResponse")}}}}}
+        | {status: {"description": text, "content": _ERROR} for status, text in ERRORS.items()},
+    }}
 
 
 def _limits(schema: dict, max_text_chars: int, max_texts: int, num_classes: int) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .errors import ServiceError
+
 # C0 controls except tab, newline and carriage return; DEL; C1 controls.
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
@@ -134,3 +136,14 @@ class ErrorResponse(BaseModel):
 def error_details(errors: list[dict]) -> list[dict]:
     """pydantic's errors without the (possibly huge) input values, JSON-safe."""
     return [{"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"]} for e in errors]
+
+
+def invalid_request(raw: bytes, problems: list[dict]) -> ServiceError:
+    """400 for a body that is not JSON (or not UTF-8), else 422 listing what does not match the schema."""
+    if problems and problems[0]["type"] == "json_invalid":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return ServiceError(400, "invalid_utf8", f"request body is not valid UTF-8 (byte {error.start})")
+        return ServiceError(400, "malformed_json", f"request body is not valid JSON: {problems[0]['msg']}")
+    return ServiceError(422, "invalid_request", "the request does not match the schema", error_details(problems))

@@ -1,4 +1,4 @@
-"""Optional bearer-token auth and CORS, as ASGI wrappers around the app and around the /classify fast lane.
+"""Optional bearer-token auth and CORS, as ASGI wrappers around every route (``service.app`` applies them once).
 
 Both are off unless configured: ``SCS_API_KEY`` turns on auth (constant-time comparison; the health probes
 and the API docs stay open, everything else answers 401 with the error shape), ``SCS_CORS_ORIGINS`` (comma
@@ -12,15 +12,11 @@ import hmac
 
 from starlette.middleware.cors import CORSMiddleware
 
-from .errors import ServiceError
+from .asgi import respond
+from .errors import unauthorized
 
 # Probes must work without credentials (kubelet, load balancers); the docs describe the API, not its data.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-
-
-def unauthorized() -> ServiceError:
-    return ServiceError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <key>)",
-                        headers={"WWW-Authenticate": "Bearer"})
 
 
 class BearerAuth:
@@ -40,11 +36,7 @@ class BearerAuth:
                     break
             if not hmac.compare_digest(given, self.expected):
                 error = unauthorized()
-                body = error.body()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
+                await respond(send, error.status, error.body(), headers=error.headers)
                 return
         await self.app(scope, receive, send)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .batcher import BatchLimits
 
 
 class Settings(BaseSettings):
@@ -48,6 +51,9 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS, or * (empty: CORS off)")
     read_timeout_s: float = Field(10.0, gt=0, description="a connection must send a whole request within this "
                                   "long of opening or of its previous answer, else it is closed (slow clients)")
+
+    def batch_limits(self) -> BatchLimits:
+        return BatchLimits(**{field.name: getattr(self, field.name) for field in fields(BatchLimits)})
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

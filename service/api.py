@@ -1,0 +1,111 @@
+"""The routes off the hot path, on FastAPI: probes, the model summary, metrics, and the docs.
+
+``service.app`` sends every request that is not a hot route (``POST /classify``) here, inside the one request-id,
+metrics and auth stack it builds for all routes; this app adds no middleware of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error_id
+from .openapi import document
+from .schemas import ErrorResponse, error_details
+from .state import Phase, ServiceState
+
+log = logging.getLogger("service.api")
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(error: ServiceError) -> Response:
+    return Response(error.body(), error.status, error.headers, media_type="application/json")
+
+
+def create_api(state: ServiceState) -> FastAPI:
+    settings = state.settings
+    api = FastAPI(
+        title="Sentence classifier",
+        version="0.1.0",
+        description="Classify sentences with an ONNX model; concurrent requests are batched dynamically. "
+                    "Every error answers `{\"error\": {\"code\", \"message\", \"details\"}}`.",
+        default_response_class=JSON,
+    )
+
+    @api.get("/healthz", summary="the process is alive (503 once a core task died or warm-up failed)",
+             responses={503: {"model": ErrorResponse}})
+    async def healthz() -> Response:
+        if state.phase is Phase.FAILED:
+            return error_response(Unhealthy(state.failure or "failed"))
+        return JSON({"status": "ok"})
+
+    @api.get("/readyz", summary="the model is loaded and warm (503 while starting, draining or failed)",
+             responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Response:
+        if state.ready:
+            return JSON({"status": "ready"})
+        if state.phase is Phase.FAILED:
+            return error_response(Unhealthy(state.failure or "failed"))
+        return error_response(NotReady(draining=state.phase is Phase.DRAINING))
+
+    @api.get("/v1/model", summary="the model served, its provider and the batching settings")
+    async def model_info() -> dict:
+        return model_summary(state)
+
+    @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ServiceError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(ServiceError(422, "invalid_request", "the request does not match the schema",
+                                           error_details(list(exc.errors()))))
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        error_id = new_error_id()
+        log.error("unhandled error", exc_info=exc, extra={"fields": {"error_id": error_id}})
+        return error_response(internal_error(error_id))
+
+    document(api, max_text_chars=settings.max_text_chars, max_texts=settings.max_texts,
+             num_classes=len(state.engine.labels), secured=settings.api_key is not None)
+    return api
+
+
+def model_summary(state: ServiceState) -> dict:
+    engine, settings = state.engine, state.settings
+    manifest = engine.manifest.model_dump(mode="json")
+    keep = ("name", "version", "created_at", "num_classes", "max_length", "vocab_size", "opset", "metrics",
+            "dataset", "verification", "versions")
+    return {
+        "model": {key: manifest[key] for key in keep if key in manifest} | {
+            "labels": engine.labels,
+            "folder": engine.runtime.artifact.folder.name,
+            "files": {name: entry["sha256"] for name, entry in manifest["files"].items()},
+        },
+        "provider": engine.provider,
+        "batching": {key: getattr(settings, key) for key in (
+            "max_batch_size", "max_batch_tokens", "max_padding_ratio", "max_wait_ms", "max_queue_size",
+            "request_timeout_s")},
+        "limits": {key: getattr(settings, key) for key in (
+            "max_text_chars", "max_texts", "max_body_bytes", "default_top_k")},
+        "ready": state.ready,
+    }

@@ -1,0 +1,75 @@
+"""Raw ASGI plumbing for the hot routes: read a body within a limit, send an answer, notice a client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import too_large
+from .protocol import DISCONNECT_NOTICE
+
+JSON = b"application/json"
+
+
+class ClientGone(Exception):
+    """The client disconnected: there is no one to answer."""
+
+
+async def read_body(scope, receive, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to pass ``limit`` (never parsed)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit() or int(value) > limit:
+                raise too_large(limit)
+            break
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond(send, status: int, body: bytes, content_type: bytes = JSON,
+                  headers: dict[str, str] | None = None) -> None:
+    fields = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if headers:
+        fields += [(key.lower().encode(), value.encode()) for key, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": fields})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def cancelled_if_client_leaves(scope, receive) -> Iterator[None]:
+    """Inside the block, a client that disconnects cancels the current task (so work queued for it is dropped).
+
+    ``python -m service`` runs uvicorn with our protocol, which calls us back when the connection is lost
+    (``DISCONNECT_NOTICE``): no extra task per request. Under another ASGI server a watcher task awaits
+    ``http.disconnect`` instead. The caller catches ``asyncio.CancelledError``.
+    """
+    task = asyncio.current_task()
+    notice = scope.get("extensions", {}).get(DISCONNECT_NOTICE)
+    if notice is not None:
+        notice(task.cancel)
+        try:
+            yield
+        finally:
+            notice(None)
+        return
+
+    async def watch() -> None:
+        if (await receive())["type"] == "http.disconnect":
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
