@@ -9,18 +9,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools bench-service loadtest docker-ci clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
 	@echo "make test       install everything, build a small artifact, run every test"
 	@echo "make artifact   retrain the shipped Banking77 model into models/banking77/1"
-	@echo "make bench      benchmark the service (batching on/off, baselines)"
-	@echo "make bench-service  the service's throughput bar in one table (M, H, 3 off/on pairs; ~4 min)"
+	@echo "make bench      the service beside its ceilings and baselines, side by side (~5 min); exits 1 on a failed bar"
 	@echo "make loadtest   headless Locust against a running service"
 	@echo "make docker-ci  build the image, docker compose up, check answers, stop under load, loadtest profile"
 	@echo "make overload   3x capacity for 60 s against a fresh service: no hangs, 503 + Retry-After, recovery (~2 min)"
-	@echo "make soak       half capacity for SOAK_MINUTES (10): zero errors, memory drift < 10%"
+	@echo "make soak       each mode (batching on, off, 8 texts) for SOAK_SECONDS (30) at 8 clients: no errors, flat RSS and p99"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,20 +65,15 @@ $(VENV)/.load: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[load]'
 	touch $@
 
-# wrk (a Debian package) is the harness's closed-loop generator; without it the harness uses Locust.
+# wrk (a Debian package) is the harness's closed-loop generator; the tests that drive it fail without it.
 bench-tools:
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; }; } \
-		|| echo "wrk not installed (needs apt-get as root): the harness falls back to Locust"
+		|| { echo "error: wrk is not installed and cannot be installed here (needs apt-get as root): install it"; exit 1; }
 
-# Starts every configuration itself on 127.0.0.1 (server on core 0, load on core 1); about 5 minutes.
+# Starts every configuration itself on 127.0.0.1 (servers on core 0, load on core 1); about 5 minutes.
 bench: $(VENV)/.all bench-tools
 	$(PY) -m loadtest.bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
-
-# The service's throughput bar in one table: model in process (M), constant FastAPI endpoint (H), batching on and
-# off in 3 alternating pairs, 64 clients, server pinned to core 0 and wrk to core 1 (README, "Serving"); about 4 minutes.
-bench-service: $(VENV)/.serve bench-tools
-	$(PY) scripts/bench_service.py --model-dir $(MODEL_DIR) $(BENCH_SERVICE_ARGS)
 
 # Headless Locust against a service that is already running (make serve); reports in loadtest/reports/.
 loadtest: $(VENV)/.load
@@ -93,15 +87,15 @@ loadtest: $(VENV)/.load
 docker-ci: $(VENV)/.all
 	VENV=$(VENV) bash scripts/ci_docker.sh
 
-# Reliability (RELIABILITY.md): each starts its own service on 127.0.0.1 (core 0; load on core 1) and exits 1 when a bar fails.
-# make overload: capacity, then 3x that open loop for 60 s, then recovery (~2 min). make soak: half capacity, SOAK_MINUTES.
-SOAK_MINUTES ?= 10
+# Reliability (RELIABILITY.md): each starts its own service on 127.0.0.1 (core 0; load on core 1) and exits 1 when a bar
+# fails. Run them one at a time on a quiet machine (e.g. `flock /tmp/cpu-heavy.lock make soak`).
+SOAK_SECONDS ?= 30
 OVERLOAD_ARGS ?=
 overload: $(VENV)/.all
-	$(PY) scripts/overload.py --model-dir $(MODEL_DIR) $(OVERLOAD_ARGS)
+	$(PY) -m loadtest.overload --model-dir $(MODEL_DIR) $(OVERLOAD_ARGS)
 
 soak: $(VENV)/.all
-	$(PY) scripts/soak.py --model-dir $(MODEL_DIR) --minutes $(SOAK_MINUTES)
+	$(PY) -m loadtest.soak --model-dir $(MODEL_DIR) --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis

@@ -6,6 +6,7 @@ children in order) and asks the kernel for SIGTERM if the harness dies without c
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import shutil
@@ -34,14 +35,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def pinned(argv: list[str], core: int | None) -> list[str]:
-    """``argv`` run on one CPU core with taskset, or unchanged when taskset or the core is missing."""
-    if core is None or TASKSET is None or core >= (os.cpu_count() or 1):
+def pinned(argv: list[str], cores: int | str | None) -> list[str]:
+    """``argv`` run on CPU ``cores`` (one core, or a taskset list such as "0,1") with taskset, or unchanged when
+    taskset is missing or the machine lacks one of those cores."""
+    if cores is None or TASKSET is None:
         return argv
-    return [TASKSET, "-c", str(core), *argv]
+    wanted = [int(part) for part in str(cores).split(",")]
+    if max(wanted) >= (os.cpu_count() or 1):
+        return argv
+    return [TASKSET, "-c", str(cores), *argv]
 
 
-def spawn(argv: list[str], core: int | None, env: dict[str, str] | None = None, log: Path | None = None,
+def spawn(argv: list[str], core: int | str | None, env: dict[str, str] | None = None, log: Path | None = None,
           capture: bool = False, cwd: Path | None = None) -> subprocess.Popen:
     """Start ``argv`` pinned to ``core`` in a new session; stdout+stderr to ``log``, or kept for ``finish``.
 
@@ -93,6 +98,25 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (``error: ...``) rather than the usage text plus a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt``, so a run stops its children on either. SIGINT too: a
+    process started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler (measured: a CI run with `&` left Ctrl-C without effect)."""
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def stop_all() -> None:
     for process in list(LIVE.values()):
         stop(process, grace=5.0)
@@ -140,7 +164,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, core: int | None, log: Path, timeout: float = 180.0) -> None:
+    def start(self, core: int | str | None, log: Path, timeout: float = 180.0) -> None:
         """Start it and wait until ready; raise with the log's tail if it exits or never gets ready."""
         self.process = spawn(self.argv, core, self.env, log)
         deadline = time.monotonic() + timeout
@@ -155,17 +179,35 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s: {_tail(log)}")
 
+    def _tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server and its children (user + system), from /proc."""
         try:
-            root = psutil.Process(self.process.pid)
-            total = 0.0
-            for proc in [root, *root.children(recursive=True)]:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            return total
+            return sum(sum(proc.cpu_times()[:2]) for proc in self._tree())
         except psutil.Error:
             return 0.0
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its children (worker processes) now; 0 once it is gone."""
+        try:
+            return sum(proc.memory_info().rss for proc in self._tree())
+        except psutil.Error:
+            return 0
+
+    def thread_cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds by thread role over the whole process tree: each process's main thread runs its event loop,
+        its other threads run the model (onnxruntime and the batch's numpy work)."""
+        split = {"event_loop": 0.0, "model": 0.0}
+        try:
+            for proc in self._tree():
+                for thread in proc.threads():
+                    split["event_loop" if thread.id == proc.pid else "model"] += thread.user_time + thread.system_time
+        except psutil.Error:
+            pass
+        return split
 
     def stop(self) -> None:
         if self.process is not None:

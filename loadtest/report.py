@@ -1,49 +1,87 @@
-"""Turn one harness run into tables (Markdown), a plot (PNG) and the BENCHMARKS.md section. Ratios first."""
+"""Turn one harness run into its bars, tables (Markdown), a plot (PNG) and the BENCHMARKS.md section.
+
+    python -m loadtest.report loadtest/results/bench.json      # redraw the tables and plot of a run, no measuring
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- bench:begin (written by python -m loadtest.bench) -->", "<!-- bench:end -->"
 
 
+def closed(points: list[dict], config: str) -> list[dict]:
+    return sorted((p for p in points if p["config"] == config and p["mode"] == "closed"), key=lambda p: p["load"])
+
+
+def at(points: list[dict], config: str, level: int) -> dict | None:
+    return next((p for p in closed(points, config) if p["load"] == level), None)
+
+
 def peak(points: list[dict], config: str) -> dict | None:
-    """The closed-loop point with the most sentences/s for ``config``."""
-    mine = [p for p in points if p["config"] == config and p["mode"] == "closed"]
-    return max(mine, key=lambda p: p["sentences_per_s"]) if mine else None
+    """The closed-loop point with the most requests/s for ``config``."""
+    mine = closed(points, config)
+    return max(mine, key=lambda p: p["rps"]) if mine else None
 
 
-def ratios(run: dict) -> list[tuple[str, str, str]]:
-    """(comparison, value, how) rows: the service with batching against each reference, from peak sentences/s."""
-    points, names = run["points"], run["names"]
-    service = peak(points, "batching")
-    rows = []
+def ceilings(run: dict) -> dict[str, float]:
+    """M and M_tok (sentences/s in process), H_fastapi and H_raw (requests/s at the highest level <= 64 measured),
+    and the composite ceilings one request at a time cannot beat: 1 / (1/M_tok + 1/H)."""
+    found: dict[str, float] = {}
+    ceiling = run.get("ceiling") or {}
+    for key in ("M", "M_tok"):
+        if key in ceiling:
+            found[key] = ceiling[key]["sentences_per_s"]
+    levels = [level for level in _levels(run["points"]) if level <= 64]
+    for config, key in (("fastapi", "H_fastapi"), ("raw", "H_raw")):
+        point = at(run["points"], config, max(levels)) if levels else None
+        if point:
+            found[key] = point["rps"]
+    for key in ("H_fastapi", "H_raw"):
+        if "M_tok" in found and key in found:
+            found[f"ceiling_{key[2:]}"] = 1 / (1 / found["M_tok"] + 1 / found[key])
+    return found
 
-    def add(label: str, other: float | None, kind: str, how: str) -> None:
-        if service is None or not other:
-            rows.append((label, "n/a", "not measured in this run"))
-        elif kind == "x":
-            rows.append((label, f"**{service['sentences_per_s'] / other:.2f}x**", how))
-        else:
-            rows.append((label, f"**{service['sentences_per_s'] / other:.0%}**", how))
 
-    for key, label, kind in (("no-batching", "batching on vs off", "x"), ("naive-torch", "vs naive torch", "x"),
-                             ("constant", "share of the HTTP ceiling", "%")):
-        other = peak(points, key)
-        add(label, other and other["sentences_per_s"], kind,
-            f"{_peak_text(service)} / {names.get(key, key)} {_peak_text(other)}" if other else "")
-    ceiling = run.get("ceiling", {}).get("best")
-    add("share of the in-process model ceiling", ceiling and ceiling["sentences_per_s"], "%",
-        f"{_peak_text(service)} / onnxruntime {ceiling['sentences_per_s']:,.0f} sentences/s at batch "
-        f"{ceiling['batch']}, 1 thread" if ceiling else "")
+def bars(run: dict) -> list[dict]:
+    """The performance bars this run can judge: each with its value and passed True/False, or None when the run
+    did not measure what it needs."""
+    points, rows = run["points"], []
+
+    def bar(name: str, value: str, passed: bool | None) -> None:
+        rows.append({"bar": name, "value": value, "passed": passed})
+
+    known = ceilings(run)
+    on64, levels = at(points, "on", 64), _levels(points)
+    if on64 and "ceiling_raw" in known:
+        share = on64["rps"] / known["ceiling_raw"]
+        bar("c=64: on >= 80% of the raw ceiling 1/(1/M_tok + 1/H_raw)",
+            f"{share:.0%} ({on64['rps']:,.0f} / {known['ceiling_raw']:,.0f} req/s)", share >= 0.80)
+    pairs = [(level, at(points, "off", level), at(points, "naive", level)) for level in levels]
+    pairs = [(level, off, naive) for level, off, naive in pairs if off and naive]
+    if pairs:
+        worst = min(pairs, key=lambda p: p[1]["rps"] / p[2]["rps"])
+        bar("batching off >= naive at every concurrency",
+            "off/naive " + ", ".join(f"c={level}: {off['rps'] / naive['rps']:.2f}" for level, off, naive in pairs),
+            worst[1]["rps"] >= worst[2]["rps"])
+    on1, naive1 = at(points, "on", 1), at(points, "naive", 1)
+    if on1 and naive1:
+        bar("c=1: on's p99 within 10% of naive's", f"{on1['p99_ms']:.2f} vs {naive1['p99_ms']:.2f} ms",
+            on1["p99_ms"] <= 1.10 * naive1["p99_ms"])
+    top = max((p for p in closed(points, "on") if "padding_ratio" in p), key=lambda p: p["load"], default=None)
+    if top and top["load"] >= 32:
+        bar(f"padded/real tokens at saturation (c={top['load']}) <= 1.2", f"{top['padding_ratio']:.3f}",
+            top["padding_ratio"] <= 1.2)
+    errors = sum(p["errors"] for p in points)
+    bar("no errors in any point", f"{errors} errors", errors == 0)
     return rows
 
 
-def _peak_text(point: dict | None) -> str:
-    if point is None:
-        return "n/a"
-    return f"{point['sentences_per_s']:,.0f} sentences/s (c={point['load']})"
+def _levels(points: list[dict]) -> list[int]:
+    return sorted({p["load"] for p in points if p["mode"] == "closed"})
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -51,61 +89,90 @@ def _number(value: float | None, digits: int = 0) -> str:
 
 
 def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
-    """The whole report: ratios, p99 by concurrency, throughput by concurrency, open loop, every point, setup."""
+    """Bars, ceilings, ratios by level, requests/s and p99 by level, open loop, every point, setup."""
     points, names, meta = run["points"], run["names"], run["meta"]
-    configs = [c for c in run["configs"] if any(p["config"] == c for p in points)]
-    levels = sorted({p["load"] for p in points if p["mode"] == "closed"})
+    configs = [c for c in run["configs"] if closed(points, c)]
+    levels = _levels(points)
     out = [f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), {meta['pinning']}; "
            f"1-minute load average {meta.get('load_average', 'n/a')}; {meta.get('seconds', '?')} s in all.", ""]
-    out += ["| the service with batching | value | from |", "|---|---|---|"]
-    out += [f"| {label} | {value} | {how} |" for label, value, how in ratios(run)]
-    out += ["", "p99 latency (ms) by closed-loop concurrency (clients each waiting for their answer):", ""]
-    out += _by_level(points, names, configs, levels, "p99_ms", 1, meta)
-    out += ["", "Sentences/s by closed-loop concurrency:", ""]
-    out += _by_level(points, names, configs, levels, "sentences_per_s", 0, meta)
+    if run.get("bars"):
+        out += ["| bar | value | passed |", "|---|---|---|"]
+        out += [f"| {b['bar']} | {b['value']} | {_verdict(b['passed'])} |" for b in run["bars"]]
+        out.append("")
+    known = ceilings(run)
+    if known:
+        out += ["| ceiling | value | what |", "|---|---|---|"]
+        about = {"M": "sentences/s, model in process (1 thread, best grouped batch), ids given",
+                 "M_tok": "sentences/s, the same with tokenization in each run",
+                 "H_fastapi": "req/s, constant-answer FastAPI app", "H_raw": "req/s, constant-answer raw ASGI app",
+                 "ceiling_fastapi": "req/s, 1/(1/M_tok + 1/H_fastapi)", "ceiling_raw": "req/s, 1/(1/M_tok + 1/H_raw)"}
+        out += [f"| {key} | {value:,.0f} | {about[key]} |" for key, value in known.items()]
+        out.append("")
+    out += ["Ratios at each concurrency (requests/s of the first over the second, measured seconds apart):", ""]
+    out += _ratios(points, levels)
+    out += ["", "Requests/s by closed-loop concurrency:", ""]
+    out += _by_level(points, names, configs, levels, "rps", 0, meta)
+    out += ["", "p99 latency (ms) by closed-loop concurrency:", ""]
+    out += _by_level(points, names, configs, levels, "p99_ms", 2, meta)
     if any(_disturbed(p, meta) for p in points):
         out += ["", f"† other processes used more than {meta['max_other_cpu']:.0%} of the server's core during this "
                 "point, measured twice: the figure understates the configuration."]
     opened = [p for p in points if p["mode"] == "open"]
     if opened:
-        out += ["", "Open loop (requests start at a fixed rate whatever the latency; latency, of the answered "
-                "requests, counts from each request's due time, so queueing shows; errors: HTTP refusals, or "
-                "Timeout when no answer came within the grace period after the last start):", "",
-                "| configuration | offered req/s | answered req/s | sentences/s | p50 ms | p90 ms | p99 ms | errors "
-                "| generator lag ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in opened:
-            out.append(f"| {names[p['config']]} | {p['load']:,.0f} | {p['rps']:,.0f} | {p['sentences_per_s']:,.0f} "
-                       f"| {p['p50_ms']:,.1f} | {p['p90_ms']:,.1f} | {p['p99_ms']:,.1f} | {_errors(p)} "
-                       f"| {p.get('lag_ms', 0):,.0f} |")
+        out += ["", "Open loop (requests start at a fixed rate whatever the latency; latency of the answered requests "
+                "counts from each request's due time, so queueing shows):", "",
+                "| configuration | offered req/s | answered req/s | p50 ms | p90 ms | p99 ms | errors | lag ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {names[p['config']]} | {p['load']:,.0f} | {p['rps']:,.0f} | {p['p50_ms']:,.1f} | {p['p90_ms']:,.1f} "
+                f"| {p['p99_ms']:,.1f} | {_errors(p)} | {p.get('lag_ms', 0):,.0f} |" for p in opened]
     if plot_name:
-        out += ["", f"![latency percentiles vs throughput]({plot_name})"]
-    out += ["", "Every closed-loop point (CPU columns: CPU seconds per second of the point. Server CPU below 1.0 at "
-            "high concurrency means the server waited on something; others on server core: other processes' use of "
-            "the server's core; load CPU near 1.0 would mean the load generator, not the server, was the limit):", "",
-            "| configuration | generator | clients | req/s | sentences/s | p50 ms | p90 ms | p99 ms | errors "
-            "| server CPU | others on server core | load CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in points:
-        if p["mode"] in ("closed", "check"):
-            out.append(f"| {names[p['config']]} | {p['generator']} | {p['load']} | {p['rps']:,.0f} "
-                       f"| {p['sentences_per_s']:,.0f} | {p['p50_ms']:,.1f} | {p['p90_ms']:,.1f} | {p['p99_ms']:,.1f} "
-                       f"| {_errors(p)} | {p.get('server_cpu', 0):.2f} | {_share(p.get('other_cpu'))} "
-                       f"| {p.get('load_cpu', 0):.2f} |")
-    check = _generator_check(points)
-    if check:
-        out += ["", check]
+        out += ["", f"![requests/s and p99 latency by concurrency]({plot_name})"]
+    out += ["", "Every closed-loop point (CPU: seconds per second of the point; CPU per request split into the "
+            "event-loop thread and the model threads; mean batch and padding from the service's own metrics):", "",
+            "| configuration | clients | req/s | sentences/s | p50 ms | p99 ms | errors | server CPU | others on its "
+            "core | load CPU | CPU us/request (loop + model) | mean batch | padded/real |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted((p for p in points if p["mode"] == "closed"), key=lambda p: (configs.index(p["config"]), p["load"])):
+        split = p.get("cpu_us_per_request")
+        cpu = f"{split['event_loop']:,.0f} + {split['model']:,.0f}" if split else "-"
+        out.append(f"| {names[p['config']]} | {p['load']} | {p['rps']:,.0f} | {p['sentences_per_s']:,.0f} "
+                   f"| {p['p50_ms']:,.2f} | {p['p99_ms']:,.2f} | {_errors(p)} | {p.get('server_cpu', 0):.2f} "
+                   f"| {_share(p.get('other_cpu'))} | {p.get('load_cpu', 0):.2f} | {cpu} "
+                   f"| {_number(p.get('mean_batch'), 1)} | {_number(p.get('padding_ratio'), 3)} |")
     ceiling = run.get("ceiling")
     if ceiling and ceiling.get("rows"):
-        out += ["", "In-process onnxruntime ceiling (no HTTP; 1 intra-op thread on the server core; batches of "
-                "similar length, as `python -m model_export bench` groups them):", "",
-                "| batch | sentences/s |", "|---:|---:|"]
-        out += [f"| {r['batch']} | {r['sentences_per_s']:,.0f} |" for r in ceiling["rows"]]
+        sizes = sorted({r["batch"] for r in ceiling["rows"]})
+        out += ["", "Model in process (sentences/s, 1 thread on the server core, batches of similar length):", "",
+                "| | " + " | ".join(f"batch {size}" for size in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        for tokenize in (False, True):
+            rates = {r["batch"]: r["sentences_per_s"] for r in ceiling["rows"] if r["tokenize"] == tokenize}
+            out.append(f"| {'with tokenization' if tokenize else 'ids given'} | "
+                       + " | ".join(_number(rates.get(size)) for size in sizes) + " |")
     out += ["", "Setup:", ""]
     out += [f"- {names[c]}: `{run['commands'][c]}`" for c in configs]
     out += [f"- request mix: {meta['mix']}", f"- load generator: {meta['generator']}",
             f"- versions: {meta['versions']}", f"- model: {meta['model']}", f"- command: `{meta['command']}`"]
-    if run.get("skipped"):
-        out += [f"- not measured: {name} ({why})" for name, why in run["skipped"].items()]
+    out += [f"- not measured: {name} ({why})" for name, why in run.get("skipped", {}).items()]
     return "\n".join(out) + "\n"
+
+
+def _ratios(points: list[dict], levels: list[int]) -> list[str]:
+    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("on", "fastapi"), ("on", "raw")]
+    pairs = [(a, b) for a, b in pairs if closed(points, a) and closed(points, b)]
+    if not pairs:
+        return ["(no two configurations measured)"]
+    rows = [f"| ratio | {' | '.join(f'c={level}' for level in levels)} |", f"|---|{'---:|' * len(levels)}"]
+    for a, b in pairs:
+        cells = []
+        for level in levels:
+            first, second = at(points, a, level), at(points, b, level)
+            cells.append(f"{first['rps'] / second['rps']:.2f}x" if first and second and second["rps"] else "-")
+        rows.append(f"| {a} / {b} | {' | '.join(cells)} |")
+    return rows
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "yes", False: "**NO**", None: "not measured"}[passed]
 
 
 def _share(value: float | None) -> str:
@@ -125,90 +192,49 @@ def _errors(point: dict) -> str:
 
 
 def _by_level(points, names, configs, levels, key, digits, meta) -> list[str]:
-    rows = [f"| configuration | {' | '.join(f'c={level}' for level in levels)} |",
-            f"|---|{'---:|' * len(levels)}"]
+    rows = [f"| configuration | {' | '.join(f'c={level}' for level in levels)} |", f"|---|{'---:|' * len(levels)}"]
     for config in configs:
         cells = []
         for level in levels:
-            found = [p for p in points if p["config"] == config and p["mode"] == "closed" and p["load"] == level]
+            found = at(points, config, level)
             if not found:
                 cells.append("-")
                 continue
-            marks = (" (errors)" if found[0]["errors"] else "") + (" †" if _disturbed(found[0], meta) else "")
-            cells.append(_number(found[0][key], digits) + marks)
+            marks = (" (errors)" if found["errors"] else "") + (" †" if _disturbed(found, meta) else "")
+            cells.append(_number(found[key], digits) + marks)
         rows.append(f"| {names[config]} | {' | '.join(cells)} |")
     return rows
 
 
-def _generator_check(points: list[dict]) -> str | None:
-    checks = [p for p in points if p["mode"] == "check"]
-    if not checks:
-        return None
-    check = checks[0]
-    same = [p for p in points if p["mode"] == "closed" and p["config"] == check["config"] and p["load"] == check["load"]]
-    if not same:
-        return None
-    wrk = same[0]
-    return (f"Generator check, same server ({check['config']}) at {check['load']} clients: {wrk['generator']} "
-            f"{wrk['rps']:,.0f} req/s with {wrk['load_cpu']:.2f} CPU, Locust (one process, FastHttpUser) "
-            f"{check['rps']:,.0f} req/s with {check['load_cpu']:.2f} CPU.")
-
-
 def plot(run: dict, path: Path) -> None:
-    """Latency percentiles (p50, p90, p99) against sentences/s, one line per configuration."""
+    """Requests/s and p99 latency against closed-loop concurrency, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points, names = run["points"], run["names"]
-    figure, axes = plt.subplots(1, 3, figsize=(16, 5), sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, config in enumerate(c for c in run["configs"] if any(p["config"] == c for p in points)):
-        colour = colours[index % len(colours)]
-        for mode, style, marker in (("closed", "-", "o"), ("open", "--", "x")):
-            mine = sorted((p for p in points if p["config"] == config and p["mode"] == mode and p["rps"] > 0),
-                          key=lambda p: p["load"])
-            if not mine:
-                continue
-            for axis, key in zip(axes, ("p50_ms", "p90_ms", "p99_ms")):
-                axis.plot([p["sentences_per_s"] for p in mine], [max(p[key], 0.01) for p in mine], style,
-                          marker=marker, color=colour, label=f"{names[config]} ({mode} loop)")
-                if mode == "closed":
-                    for p in mine:
-                        axis.annotate(str(p["load"]), (p["sentences_per_s"], max(p[key], 0.01)), fontsize=7,
-                                      textcoords="offset points", xytext=(3, 3), color=colour)
-    for axis, title in zip(axes, ("p50", "p90", "p99")):
-        axis.set_title(f"{title} latency vs throughput")
-        axis.set_xlabel("sentences/s (log scale)")
-        axis.set_xscale("log")
-        axis.set_yscale("log")
+    figure, (rate_axis, p99_axis) = plt.subplots(1, 2, figsize=(13, 5))
+    for config in run["configs"]:
+        mine = closed(points, config)
+        if not mine:
+            continue
+        levels = [p["load"] for p in mine]
+        rate_axis.plot(levels, [p["rps"] for p in mine], "o-", label=names[config])
+        p99_axis.plot(levels, [max(p["p99_ms"], 0.01) for p in mine], "o-", label=names[config])
+    for axis, title, label in ((rate_axis, "throughput", "requests/s"), (p99_axis, "p99 latency", "ms (log)")):
+        axis.set_title(title)
+        axis.set_xlabel("concurrent clients (closed loop, log)")
+        axis.set_xscale("log", base=2)
+        axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("latency (ms, log scale)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    figure.suptitle(f"{run['meta']['cpu']}: server on one core, load on another "
-                    "(numbers beside closed-loop points: concurrent clients)", fontsize=9)
+    p99_axis.set_yscale("log")
+    handles, labels = rate_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle(f"{run['meta']['cpu']}: server on one core, load on another", fontsize=9)
     figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m loadtest.report RESULTS/bench.json``: redraw the table and plot of a finished run, no measuring."""
-    import json
-    import sys
-
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1 or not Path(args[0]).is_file():
-        print("usage: python -m loadtest.report path/to/bench.json", file=sys.stderr)
-        return 2
-    source = Path(args[0])
-    run = json.loads(source.read_text(encoding="utf-8"))
-    plot(run, source.with_name("bench.png"))
-    source.with_name("bench.md").write_text(markdown(run, "bench.png"), encoding="utf-8")
-    print(f"wrote {source.with_name('bench.md')} and {source.with_name('bench.png')}")
-    return 0
 
 
 def update_benchmarks(path: Path, section: str) -> None:
@@ -218,6 +244,23 @@ def update_benchmarks(path: Path, section: str) -> None:
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1 or not Path(args[0]).is_file():
+        print("error: usage: python -m loadtest.report path/to/bench.json", file=sys.stderr)
+        return 2
+    source = Path(args[0])
+    try:
+        run = json.loads(source.read_text(encoding="utf-8"))
+        plot(run, source.with_name("bench.png"))
+        source.with_name("bench.md").write_text(markdown(run, "bench.png"), encoding="utf-8")
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"error: {source}: not a harness result ({type(error).__name__}: {error})", file=sys.stderr)
+        return 2
+    print(f"wrote {source.with_name('bench.md')} and {source.with_name('bench.png')}")
+    return 0
 
 
 if __name__ == "__main__":

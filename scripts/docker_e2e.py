@@ -28,8 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from service.artifact import load_artifact, resolve_version_dir
-from service.errors import ArtifactError
+import contract
 
 CHUNK = 32  # sentences per request in `classify` (the service's default max_texts is 64)
 READY_POLL_S = 0.1  # how often `drain`'s stand-in load balancer polls /readyz
@@ -42,12 +41,12 @@ def read_split(path: Path, text_column: str, label_column: str) -> list[tuple[st
 
 def check_classify(args: argparse.Namespace) -> list[str]:
     try:
-        artifact = load_artifact(resolve_version_dir(args.model_dir))
-    except ArtifactError as error:
+        artifact = contract.read(contract.version_folder(args.model_dir))
+    except contract.ArtifactError as error:
         return [f"the model the image was built from: {error}"]
     manifest, labels = artifact.manifest, set(artifact.labels)
-    rows = read_split(args.data, manifest["dataset"].get("text_column", "text"),
-                      manifest["dataset"].get("label_column", "category"))
+    rows = read_split(args.data, manifest.dataset.get("text_column", "text"),
+                      manifest.dataset.get("label_column", "category"))
     problems: list[str] = []
     correct = 0
     started = time.perf_counter()
@@ -58,8 +57,8 @@ def check_classify(args: argparse.Namespace) -> list[str]:
             if response.status_code != 200:
                 return [f"POST /classify: HTTP {response.status_code}: {response.text[:200]}"]
             answer = response.json()
-            if (answer["model"], str(answer["version"])) != (manifest["name"], str(manifest["version"])):
-                return [f"served {answer['model']}/{answer['version']}, expected {manifest['name']}/{manifest['version']}"]
+            if (answer["model"], str(answer["version"])) != (manifest.name, manifest.version):
+                return [f"served {answer['model']}/{answer['version']}, expected {manifest.name}/{manifest.version}"]
             predictions = answer["predictions"]
             if len(predictions) != len(chunk):
                 return [f"{len(chunk)} texts sent, {len(predictions)} predictions back"]
@@ -69,10 +68,10 @@ def check_classify(args: argparse.Namespace) -> list[str]:
                 correct += prediction["label"] == gold
     seconds = time.perf_counter() - started
     accuracy = correct / len(rows)
-    recorded = manifest["metrics"]["accuracy"]
+    recorded = manifest.metrics["accuracy"]
     print(f"classify: {len(rows)} sentences in {seconds:.1f} s; accuracy {accuracy:.4f}, "
           f"manifest says {recorded:.4f}; chance is {1 / len(labels):.4f}")
-    if manifest["metrics"].get("test_rows", len(rows)) == len(rows) and abs(accuracy - recorded) > args.tolerance:
+    if manifest.metrics.get("test_rows", len(rows)) == len(rows) and abs(accuracy - recorded) > args.tolerance:
         problems.append(f"accuracy {accuracy:.4f} differs from the manifest's {recorded:.4f} by more than {args.tolerance}")
     if accuracy < args.min_accuracy:
         problems.append(f"accuracy {accuracy:.4f} is below --min-accuracy {args.min_accuracy}")

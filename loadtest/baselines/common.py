@@ -8,6 +8,8 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel, Field, model_validator
 
+from ..processes import Parser
+
 
 class ClassifyRequest(BaseModel):
     """Same body as the service's ``POST /classify``: one ``text`` or a list of ``texts``."""
@@ -34,7 +36,7 @@ def prediction(labels: list[str], probabilities: list[float], top_k: int, trunca
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=description)
+    result = Parser(description=description)
     result.add_argument("--host", default="127.0.0.1")
     result.add_argument("--port", type=int, default=8000)
     result.add_argument("--default-top-k", type=int, default=5,

@@ -1,0 +1,98 @@
+"""What the load sends and how its results are read: sentences from a CSV, request bodies, the bodies file the
+generators read, percentiles, and a service's /metrics.
+
+(``locustfile.py`` keeps its own few lines of CSV reading: it must run alone in the compose ``loadtest`` image.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import re
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+Body = tuple[int, bytes]  # (sentences in it, the JSON body)
+
+
+def read_sentences(path: Path, column: str = "text") -> list[str]:
+    """The non-empty values of ``column``; ``ValueError`` (one line) when the file or column is not there."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if column not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+            sentences = [row[column].strip() for row in reader if (row[column] or "").strip()]
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a UTF-8 CSV file ({error})") from None
+    if not sentences:
+        raise ValueError(f"{path}: no sentences in column {column!r}")
+    return sentences
+
+
+def request_bodies(sentences: Sequence[str], texts: int = 1, multi_percent: int = 0, multi_max: int = 8,
+                   count: int = 4000, seed: int = 0) -> list[Body]:
+    """``count`` bodies for ``POST /classify``: ``texts`` sentences each, or, with ``multi_percent``, that share
+    of requests carrying 2 to ``multi_max`` texts and the rest one."""
+    rng, bodies = random.Random(seed), []
+    for _ in range(count):
+        if multi_percent and rng.randrange(100) < multi_percent:
+            chosen = rng.choices(sentences, k=rng.randint(2, multi_max))
+        else:
+            chosen = rng.choices(sentences, k=texts)
+        body = {"text": chosen[0]} if len(chosen) == 1 else {"texts": chosen}
+        bodies.append((len(chosen), json.dumps(body, ensure_ascii=False).encode()))
+    return bodies
+
+
+def write_bodies(bodies: Sequence[Body], path: Path) -> float:
+    """The generators' request file, ``<sentences>\\t<JSON body>`` per line; returns the mean sentences per body."""
+    with path.open("w", encoding="utf-8") as handle:
+        for count, body in bodies:
+            handle.write(f"{count}\t{body.decode()}\n")
+    return sum(count for count, _ in bodies) / len(bodies)
+
+
+def read_bodies(path: Path) -> list[Body]:
+    bodies = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        count, _, body = line.partition("\t")
+        if body:
+            bodies.append((int(count), body.encode()))
+    if not bodies:
+        raise ValueError(f"{path}: no request bodies")
+    return bodies
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Nearest-rank percentile (``share`` in 0..100) of ``values``; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(share / 100 * len(ordered)) - 1))]
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$")
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """Every sample of ``url``/metrics, as ``name{labels}`` -> value."""
+    request = urllib.request.Request(f"{url}/metrics", headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        found = _SAMPLE.match(line)
+        if found:
+            samples[found.group(1)] = float(found.group(2))
+    return samples
+
+
+def metric(samples: dict[str, float], name: str) -> float:
+    """The sum of ``name``'s samples over all label sets."""
+    return sum(value for key, value in samples.items() if key == name or key.startswith(name + "{"))
