@@ -1,10 +1,13 @@
-"""Shared fixtures: the test artifact, free ports, and real service processes on 127.0.0.1."""
+"""What the tests share: the test artifact and copies of it to break, real services on 127.0.0.1 (a process, or
+uvicorn in a thread), the error-shape assertion, metrics reading, sample texts, and running a CLI."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,28 +20,106 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.data import read_sentences
+from loadtest.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ARTIFACT = ROOT / "artifacts" / "test-model" / "1"
+SHIPPED = ROOT / "models" / "banking77" / "1"
+TEST_CSV = ROOT / "data" / "banking77" / "test.csv"
+TEXT = "I still have not received my new card, I ordered over a week ago."
+
+
+def sentences() -> list[str]:
+    """The 3,080 Banking77 test sentences."""
+    return read_sentences(TEST_CSV)
 
 
 @pytest.fixture(scope="session")
 def test_artifact() -> Path:
-    """The small artifact built by ``make test-artifact``; fails (not skips) when it is missing."""
+    """The small artifact built by ``make test-artifact``; fails (never skips) when it is missing."""
     if not (TEST_ARTIFACT / "manifest.json").is_file():
         pytest.fail(f"{TEST_ARTIFACT.relative_to(ROOT)} is missing: run `make test-artifact` first")
     return TEST_ARTIFACT
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture
+def artifact_copy(test_artifact: Path, tmp_path: Path) -> Path:
+    """A copy of the test artifact as ``<tmp>/model/1``, to break."""
+    folder = tmp_path / "model" / "1"
+    shutil.copytree(test_artifact, folder)
+    return folder
+
+
+def edit_manifest(folder: Path, **changes: object) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def rehash(folder: Path, name: str) -> None:
+    """Record ``name``'s current sha256 in the manifest (a change the hash check alone cannot catch)."""
+    edit_manifest(folder, files=json.loads((folder / "manifest.json").read_text())["files"] | {
+        name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(), "bytes": (folder / name).stat().st_size}})
+
+
+def _truncate(folder: Path, rehashed: bool) -> None:
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    if rehashed:
+        rehash(folder, "model.onnx")
+
+
+def _replace(folder: Path, name: str, text: str) -> None:
+    (folder / name).write_text(text)
+    rehash(folder, name)
+
+
+def _drop_key(folder: Path, key: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+# Every way the tests break a copy of the test artifact, and what the refusal must say (one line, naming the file).
+# contract.check, `python -m model_export check` and `python -m service` are each tried on all of them.
+BROKEN_ARTIFACTS = {
+    "model.onnx missing": (lambda f: (f / "model.onnx").unlink(), "model.onnx: missing"),
+    "model.onnx truncated": (lambda f: _truncate(f, False), "model.onnx: sha256 differs"),
+    "model.onnx truncated, hash fixed": (lambda f: _truncate(f, True), "model.onnx"),
+    "model.onnx not ONNX": (lambda f: _replace(f, "model.onnx", "\xff not onnx"), "model.onnx"),
+    "labels.json not a list": (lambda f: _replace(f, "labels.json", '{"a": 1}'), "labels.json: expected a list"),
+    "labels.json one short": (lambda f: _replace(f, "labels.json", json.dumps([f"c{i}" for i in range(76)])),
+                              "num_classes=77"),
+    "tokenizer.json not a tokenizer": (lambda f: _replace(f, "tokenizer.json", '{"not": "a tokenizer"}'),
+                                       "tokenizer.json: cannot load"),
+    "tokenizer size disagrees": (lambda f: edit_manifest(f, vocab_size=json.loads(
+        (f / "manifest.json").read_text())["vocab_size"] + 5), "vocab_size"),
+    "unk_id outside the tokenizer": (lambda f: edit_manifest(f, unk_id=10**6), "unk_id=1000000 outside the tokenizer"),
+    "manifest key missing": (lambda f: _drop_key(f, "pad_id"), "manifest.json: missing 'pad_id'"),
+    "manifest value of the wrong type": (lambda f: edit_manifest(f, max_length=True), "manifest.json: max_length"),
+    "manifest not JSON": (lambda f: (f / "manifest.json").write_text("{not json"), "manifest.json: not valid JSON"),
+    "opset disagrees with the graph": (lambda f: edit_manifest(f, opset=99), "graph opset 17, manifest says 99"),
+}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The service's one error shape: ``{"error": {"code", "message", "details"}}``, JSON, the given status."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
 
 
 def read_metric(url: str, name: str, **labels: str) -> float:
     """Sum of the /metrics samples named ``name`` with exactly these labels (0 when absent)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted + " "))
 
 
@@ -46,6 +127,21 @@ def read_metric(url: str, name: str, **labels: str) -> float:
 def metric():
     """``metric(url, name, **labels)``: read one Prometheus sample sum from a running service."""
     return read_metric
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` from the repository root; its exit code and output."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ | env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, says: str, code: int = 2) -> str:
+    """A user error: the given exit code, a last stderr line ``error: ...`` containing ``says``, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says in last, result.stderr[-2000:]
+    return last
 
 
 @dataclass
@@ -68,13 +164,16 @@ class ServiceProcess:
         return self.process.returncode
 
 
-def start_service(model_dir: Path, log: Path, ready_timeout: float = 60, **env: object) -> ServiceProcess:
-    """``python -m service`` on a free 127.0.0.1 port with ``SCS_<KEY>`` settings; returns once /readyz is 200."""
+def start_service(model_dir: Path, log: Path, ready_timeout: float = 60, argv: list[str] | None = None,
+                  **env: object) -> ServiceProcess:
+    """``python -m service`` on a free 127.0.0.1 port with ``SCS_<KEY>`` settings; returns once /readyz is 200.
+    ``argv`` replaces ``-m service`` (for a real server started with a fault injected first)."""
     port = free_port()
     environment = os.environ | {f"SCS_{k.upper()}": str(v) for k, v in env.items()} | {"PYTHONUNBUFFERED": "1"}
     handle = log.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-                                "--port", str(port)], cwd=ROOT, env=environment, stdout=handle, stderr=handle)
+    command = [sys.executable, *(argv or ["-m", "service"]), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=handle, stderr=handle)
     service = ServiceProcess(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -113,21 +212,26 @@ def service(test_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     service.stop()
 
 
+@dataclass
+class Served:
+    url: str
+    app: object  # service.app.App
+
+
 @contextmanager
-def in_process(runtime, plain_uvicorn: bool = False, **settings):
-    """The real app (FastLane) on a real uvicorn in a thread, 127.0.0.1, served as ``python -m service`` serves
-    it (``uvicorn_config``) or, with ``plain_uvicorn``, with uvicorn's own defaults (no server extensions)."""
+def in_process(runtime, plain_uvicorn: bool = False, **settings) -> Iterator[Served]:
+    """The real app on a real uvicorn in a thread, 127.0.0.1, served as ``python -m service`` serves it
+    (``uvicorn_config``: our protocol) or, with ``plain_uvicorn``, with uvicorn's defaults (no server extension).
+    Yields the base URL and the app once /readyz is 200; ``runtime`` may carry an injected fault."""
     import uvicorn
 
     from service.__main__ import uvicorn_config
-    from service.app import FastLane, create_app
+    from service.app import create_app
     from service.settings import Settings
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = Settings(model_dir=runtime.artifact.folder, host="127.0.0.1", port=port, **settings)
-    app = FastLane(create_app(config, runtime))
+    app = create_app(config, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
                             if plain_uvicorn else uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -142,7 +246,7 @@ def in_process(runtime, plain_uvicorn: bool = False, **settings):
             pass
         time.sleep(0.02)
     try:
-        yield url
+        yield Served(url, app)
     finally:
         server.should_exit = True
         thread.join(30)

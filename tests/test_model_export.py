@@ -1,33 +1,32 @@
-"""model_export: data errors, tokenizer, the padding regression, a tiny end-to-end training run, the contract."""
+"""model_export: data errors, tokenizer, the padding regression, a tiny end-to-end training run, the shipped model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from model_export.artifact import check_hashes, sha256
+import contract
+from conftest import BROKEN_ARTIFACTS, ROOT, SHIPPED, TEST_ARTIFACT, assert_one_line_error, run_cli
 from model_export.data import load_dataset
 from model_export.errors import UserError
 from model_export.model import ModelShape, SentenceClassifier, reverse_within_length
-from model_export.tokenizer import encode, fit_tokenizer
+from model_export.tokenizer import fit_tokenizer
 from model_export.train import pad_batch
-
-ROOT = Path(__file__).resolve().parents[1]
-TEST_ARTIFACT = ROOT / "artifacts" / "test-model" / "1"
-SHIPPED = ROOT / "models" / "banking77" / "1"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_export", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return run_cli("model_export", *args)
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return contract.encode(tokenizer, texts, max_length, tokenizer.token_to_id("[UNK]"))[0]
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -109,10 +108,11 @@ def test_missing_file_and_bad_json_and_binary(tmp_path):
         (["train", "data/banking77", "--out", "OUT"], "error: data/banking77/train.csv: no column 'label'; columns are: 'text', 'category'"),
         (["train", "data/banking77", "--label-column", "category", "--out", "OUT", "--epochs", "0"], "error: hyperparameter epochs must be >= 1"),
         (["check", "nowhere"], "error: nowhere: no such artifact folder"),
+        (["evaluate", "nowhere", "data/banking77"], "error: nowhere: no such artifact folder"),
     ],
 )
 def test_cli_user_errors_are_one_line_without_traceback(args, message, tmp_path):
-    result = cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    result = cli(*[str(tmp_path / "out" / "1") if a == "OUT" else a for a in args])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
@@ -159,27 +159,20 @@ def test_padded_batch_regression():
 # ---- a tiny end-to-end run, and the artifact contract ---------------------------------------------------------------
 
 def assert_contract(folder: Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for name in ("model.onnx", "tokenizer.json", "labels.json", "confusion_matrix.png", "training_curve.png"):
+    """``contract.check`` passes, the plots are there, a batch of two sums to 1, the export checks held."""
+    artifact = contract.check(folder)
+    for name in ("confusion_matrix.png", "training_curve.png"):
         assert (folder / name).is_file(), name
-    assert check_hashes(folder) == []
-    assert all(manifest["files"][name]["sha256"] == sha256(folder / name) for name in manifest["files"])
-    labels = json.loads((folder / "labels.json").read_text())
-    assert len(labels) == manifest["num_classes"]
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "lengths"]
-    assert session.get_outputs()[0].name == "probabilities"
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    sequences = encode(tokenizer, ["where is my card", "I want a refund for this payment please"], manifest["max_length"])
-    ids, lengths = pad_batch(sequences, manifest["pad_id"])
-    probabilities = session.run(None, {"input_ids": ids.numpy(), "lengths": lengths.numpy()})[0]
-    assert probabilities.shape == (2, manifest["num_classes"])
+    manifest = artifact.manifest
+    ids = encode(artifact.tokenizer, ["where is my card", "I want a refund for this payment please"], manifest.max_length)
+    probabilities = artifact.session.run(None, contract.inputs(ids, manifest.pad_id))[0]
+    assert probabilities.shape == (2, manifest.num_classes)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    verification = manifest["verification"]
-    assert verification["parity_max_abs_diff"] <= 1e-5
-    assert verification["batch_invariance_max_abs_diff"] <= 1e-5
+    verification = manifest.verification
+    assert verification["parity_max_abs_diff"] <= contract.TOLERANCE
+    assert verification["batch_invariance_max_abs_diff"] <= contract.TOLERANCE
     assert verification["batch_invariance_argmax_changes"] == 0
-    return manifest
+    return manifest.model_dump()
 
 
 def test_tiny_training_run_writes_a_valid_artifact(tmp_path):
@@ -202,32 +195,71 @@ def test_tiny_training_run_writes_a_valid_artifact(tmp_path):
                  "--embedding-dim", "16", "--hidden-size", "16", "--vocab-size", "100", "--threads", "1",
                  "--no-progress")
     assert result.returncode == 0, result.stderr
-    for name in ("model.onnx", "tokenizer.json", "labels.json"):
-        assert sha256(out / name) == sha256(twin / name), name
+    for name in contract.FILES:
+        assert contract.sha256(out / name) == contract.sha256(twin / name), name
+
+
+def test_out_must_be_a_version_folder(tmp_path):
+    result = cli("train", "data/banking77", "--label-column", "category", "--out", str(tmp_path / "mine"))
+    assert_one_line_error(result, "the last part must be an integer version folder")
 
 
 def test_test_artifact_passes_the_contract():
-    assert TEST_ARTIFACT.is_dir(), "run `make test-artifact` first"
     assert_contract(TEST_ARTIFACT)
     assert cli("check", str(TEST_ARTIFACT)).returncode == 0
 
 
-def test_check_detects_a_tampered_file(tmp_path):
-    import shutil
-
-    copy = tmp_path / "m"
-    shutil.copytree(TEST_ARTIFACT, copy)
-    labels = json.loads((copy / "labels.json").read_text())
-    (copy / "labels.json").write_text(json.dumps(labels[::-1]))
-    result = cli("check", str(copy))
-    assert result.returncode == 2 and "labels.json: sha256 differs from manifest" in result.stderr
+@pytest.mark.parametrize("broken", list(BROKEN_ARTIFACTS))
+def test_check_names_what_is_broken(artifact_copy, broken):
+    break_it, says = BROKEN_ARTIFACTS[broken]
+    break_it(artifact_copy)
+    assert_one_line_error(cli("check", str(artifact_copy)), says)
 
 
-@pytest.mark.skipif(not SHIPPED.is_dir(), reason="shipped model not built")
-def test_shipped_model_passes_the_contract_and_the_bar():
+@pytest.mark.parametrize("out, says", [
+    ("/proc/scs-no-such-place/1", "cannot write there"),
+    ("FILE/1", "cannot write there"),
+    ("FILE", "exists and is not a folder"),
+])
+def test_unwritable_out_is_refused_before_training(tmp_path, out, says):
+    (tmp_path / "a-file").write_text("")
+    out = out.replace("FILE", str(tmp_path / "a-file"))
+    result = cli("train", "data/banking77", "--label-column", "category", "--out", out)
+    assert_one_line_error(result, says)
+
+
+@pytest.mark.parametrize("config, says", [
+    ('{"hidden": 3}', "unknown hyperparameter(s): hidden"),
+    ("{broken", "cannot parse config"),
+    ('{"epochs": "many"}', "hyperparameter epochs: expected int"),
+    ("[1, 2]", "config must be a mapping"),
+])
+def test_bad_config_file_is_one_line(tmp_path, config, says):
+    (tmp_path / "c.json").write_text(config)
+    result = cli("train", "data/banking77", "--label-column", "category", "--out", str(tmp_path / "m" / "1"),
+                 "--config", str(tmp_path / "c.json"))
+    assert_one_line_error(result, says)
+
+
+def test_shipped_model_keeps_its_recorded_accuracy():
+    """The manifest is the shipped model's record: its own hash is pinned in models/SHA256SUMS, and the accuracy it
+    states is recomputed here from the model and the test split."""
+    listed = {}
+    for line in (ROOT / "models" / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        listed[name.lstrip("*")] = digest
+    manifests = sorted(str(p.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/manifest.json"))
+    assert sorted(listed) == manifests, "every shipped version's manifest.json is listed in models/SHA256SUMS"
+    for name, digest in listed.items():
+        assert hashlib.sha256((ROOT / "models" / name).read_bytes()).hexdigest() == digest, name
     manifest = assert_contract(SHIPPED)
-    assert manifest["num_classes"] == 77
-    assert manifest["metrics"]["accuracy"] >= 0.895
+    assert manifest["num_classes"] == 77 and manifest["metrics"]["accuracy"] >= 0.895
+    result = cli("evaluate", str(SHIPPED), "data/banking77", "--label-column", "category")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == manifest["metrics"]["test_rows"] == 3080
+    assert summary["accuracy"] == round(manifest["metrics"]["accuracy"], 4)
+    assert summary["macro_f1"] == round(manifest["metrics"]["macro_f1"], 4)
 
 
 def test_evaluate_reproduces_the_manifest_accuracy():
@@ -240,14 +272,15 @@ def test_evaluate_reproduces_the_manifest_accuracy():
 
 
 def test_bench_prints_the_throughput_table():
-    result = cli("bench", str(TEST_ARTIFACT), "data/banking77", "--label-column", "category", "--seconds", "0.2")
+    result = cli("bench", str(TEST_ARTIFACT), "data/banking77", "--label-column", "category", "--seconds", "0.2",
+                 "--tokenize")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [tuple(r.split("|")[1:4]) for r in rows] == [
-        (" 1 ", " 1 ", " no "), (" 1 ", " 64 ", " no "), (" 1 ", " 64 ", " yes "),
-        (" 2 ", " 1 ", " no "), (" 2 ", " 64 ", " no "), (" 2 ", " 64 ", " yes "),
+    assert [tuple(r.split("|")[1:5]) for r in rows] == [
+        (" 1 ", " 1 ", " no ", " yes "), (" 1 ", " 64 ", " no ", " yes "), (" 1 ", " 64 ", " yes ", " yes "),
+        (" 2 ", " 1 ", " no ", " yes "), (" 2 ", " 64 ", " no ", " yes "), (" 2 ", " 64 ", " yes ", " yes "),
     ]
-    assert all(int(r.split("|")[4].replace(",", "")) > 0 for r in rows)
+    assert all(int(r.split("|")[5].replace(",", "")) > 0 for r in rows)
 
 
 def test_seeds_reports_each_seed_and_the_mean():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import in_process
-
-TEXT = "I still have not received my new card, I ordered over a week ago."
+import contract
+from conftest import TEXT, assert_error, in_process, read_metric
 
 
 def post(service, body, **kwargs) -> httpx.Response:
@@ -21,17 +21,6 @@ def post(service, body, **kwargs) -> httpx.Response:
     else:
         kwargs["content"] = body
     return httpx.post(f"{service.url}/classify", timeout=30, **kwargs)
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def test_one_text(service):
@@ -236,7 +225,8 @@ def test_client_that_leaves_costs_no_model_run(test_artifact, metric, plain_uvic
         return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
 
-    with in_process(runtime, plain_uvicorn=plain_uvicorn) as url:
+    with in_process(runtime, plain_uvicorn=plain_uvicorn) as served:
+        url = served.url
         try:
             port = int(url.rsplit(":", 1)[1])
             gate.clear()
@@ -259,23 +249,6 @@ def test_client_that_leaves_costs_no_model_run(test_artifact, metric, plain_uvic
             gate.set()  # never leave the model thread waiting, even when an assertion failed
 
 
-def test_fastapi_route_serves_classify_without_the_fast_lane(test_artifact):
-    """uvicorn serves FastLane(app); the plain FastAPI app (e.g. `uvicorn --factory`) must answer the same."""
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-
-    with TestClient(create_app(Settings(model_dir=test_artifact))) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        response = client.post("/classify", json={"texts": [TEXT, "card"], "top_k": 2})
-        assert response.status_code == 200 and response.headers["x-request-id"]
-        assert [len(p["probabilities"]) for p in response.json()["predictions"]] == [2, 2]
-        assert_error(client.post("/classify", json={"text": ""}), 422, "invalid_request")
-
-
 def test_failing_model_run_answers_500_with_error_id_and_service_stays_up(test_artifact, caplog):
     """Fault injection: the real runtime, made to raise on batches holding one token."""
     from fastapi.testclient import TestClient
@@ -285,7 +258,8 @@ def test_failing_model_run_answers_500_with_error_id_and_service_stays_up(test_a
     from service.settings import Settings
 
     runtime = load_runtime(test_artifact)
-    [poison] = runtime.encode(["refund"])[0].ids
+    manifest = runtime.artifact.manifest
+    [[poison]] = contract.encode(runtime.artifact.tokenizer, ["refund"], manifest.max_length, manifest.unk_id)[0]
     real_run = runtime.run
 
     def failing_run(sequences):
@@ -302,3 +276,46 @@ def test_failing_model_run_answers_500_with_error_id_and_service_stays_up(test_a
         [logged] = [r for r in caplog.records if getattr(r, "fields", {}).get("error_id") == error["details"]["error_id"]]
         assert logged.levelname == "ERROR" and "injected model failure" in caplog.text
         assert client.post("/classify", json={"text": "card"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_slow_model_keeps_deadlines_and_a_bounded_queue(test_artifact):
+    """Every model run takes 0.2 s; 40 requests of 4 sentences arrive at once into a 32-sentence queue
+    with a 1 s deadline: each is answered 200, refused 503 (Retry-After) or 504; none hangs or fails."""
+    from service.runtime import load_runtime
+
+    runtime = load_runtime(test_artifact)
+    real_run = runtime.run
+    runtime.run = lambda sequences: (time.sleep(0.2), real_run(sequences))[1]
+    with in_process(runtime, max_batch_size=4, max_queue_size=32, max_texts=4, request_timeout_s=1.0) as served:
+        url = served.url
+        depths: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                depths.append(read_metric(url, "scs_queue_depth"))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=30,
+                                         limits=httpx.Limits(max_connections=40)) as client:
+                return await asyncio.gather(*(client.post("/classify", json={"texts": [f"card {i} {j}" for j in
+                                                                                         range(4)]})
+                                              for i in range(40)))
+
+        try:
+            responses = asyncio.run(burst())
+        finally:
+            stop.set()
+            watcher.join(10)
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503, 504} and {200, 503, 504} <= set(statuses), statuses
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+        assert all(r.json()["error"]["code"] == "deadline_exceeded" for r in responses if r.status_code == 504)
+        assert max(depths) <= 32
+        ran = read_metric(url, "scs_batch_size_sentences_sum")
+        assert ran < 4 * statuses.count(200) + 4 * statuses.count(504)  # some expired sentences never ran
+        assert httpx.post(f"{url}/classify", json={"text": "card"}, timeout=30).status_code == 200

@@ -1,4 +1,6 @@
-"""Batcher unit tests with a fake model: caps, grouping, deadline, queue full, failure isolation, order, cancellation."""
+"""The batcher with a fake model: caps, grouping, deadlines, a full queue, failure isolation, order, clients that
+leave, closing, a task that dies, nothing held once idle; and (Hypothesis) any interleaving of arrivals, model
+progress, departures and deadlines answers every accepted request exactly once."""
 
 from __future__ import annotations
 
@@ -6,10 +8,17 @@ import asyncio
 import threading
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.batcher import BatchFailed, Batcher, BatchLimits, Closed, DeadlineExceeded, Disconnected, QueueFull
+from service.batcher import Batcher
+from service.errors import BatchFailed, DeadlineExceeded, NotReady, QueueFull, ServiceError
+from service.settings import Settings
+
+
+def limits(**overrides):
+    """The service's defaults (from Settings, their one source) with ``overrides`` (queues as small as 1 allowed)."""
+    return Settings(**{"max_texts": 1} | overrides).batch_limits()
 
 
 class FakeModel:
@@ -39,7 +48,7 @@ def run(coroutine):
 
 
 async def started(model: FakeModel, **limits) -> Batcher:
-    batcher = Batcher(model, BatchLimits(**limits))
+    batcher = Batcher(model, globals()["limits"](**limits))
     batcher.start()
     return batcher
 
@@ -167,7 +176,7 @@ def test_full_queue_refuses_whole_request_and_recovers():
 def test_expired_requests_never_run():
     async def scenario():
         model = FakeModel()
-        batcher = await started(model, timeout_s=0.2)
+        batcher = await started(model, request_timeout_s=0.2)
         first = await hold_first_batch(batcher, model)
         late = batcher.submit([[42], [43]])
         with pytest.raises(DeadlineExceeded):
@@ -216,8 +225,8 @@ def test_cancelled_and_disconnected_requests_never_run():
         cancelled = batcher.submit([[11], [12]])
         gone = batcher.submit([[13]])
         kept = batcher.submit([[14]])
-        cancelled.future.cancel()
-        gone.fail(Disconnected())
+        cancelled.future.cancel()  # what a client leaving does to its job (its awaiting task is cancelled)
+        gone.future.cancel()
         model.gate.set()
         await first
         assert await kept.future == [(14,)]
@@ -236,7 +245,7 @@ def test_close_finishes_queued_work_then_refuses():
         jobs = [batcher.submit([[i]]) for i in range(7)]
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.05)
-        with pytest.raises(Closed):
+        with pytest.raises(NotReady):
             batcher.submit([[100]])
         model.gate.set()
         await closing
@@ -317,3 +326,150 @@ def test_finished_work_is_not_held(max_batch_size, texts):
     held, ran = run(scenario())
     assert ran == 50 * 40 * texts
     assert held == {"queued": 0, "fifo": 0, "buckets": 0, "jobs": 0}, held
+
+
+def test_a_dying_batcher_task_answers_everyone_and_says_so():
+    """If the owner task raises, every waiting request is answered at once (not at its deadline), new work is
+    refused, and ``on_failure`` hears it (the service then reports unhealthy and exits non-zero)."""
+
+    async def scenario():
+        model = FakeModel()
+        batcher = Batcher(model, limits())
+        heard: list[BaseException] = []
+        batcher.start(on_failure=heard.append)
+        first = await hold_first_batch(batcher, model)
+        waiting = batcher.submit([[5], [6]])
+
+        def broken(now):
+            raise RuntimeError("injected: the batcher's own code failed")
+
+        batcher._take = broken
+        model.gate.set()
+        with pytest.raises(ServiceError) as failed:
+            await asyncio.wait_for(waiting.future, 5)
+        with pytest.raises(NotReady):
+            batcher.submit([[7]])
+        await batcher.close()
+        return heard, failed.value, first
+
+    heard, error, first = run(scenario())
+    assert len(heard) == 1 and "injected" in str(heard[0])
+    assert error.status == 500 and error.code == "internal_error"
+    assert first.done()
+
+
+class SteppedModel:
+    """Runs one batch per permit; records what entered and when, so the test knows what was taken."""
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.batches: list[list[int]] = []  # tags (first id) per batch, in entry order
+
+    def __call__(self, sequences: list[list[int]]) -> list:
+        with self.lock:
+            self.batches.append([s[0] for s in sequences])
+        self.permits.acquire(timeout=20)
+        return [tuple(s) for s in sequences]
+
+    def entered(self) -> int:
+        with self.lock:
+            return sum(map(len, self.batches))
+
+
+class Dispatches:
+    """BatchMetrics: counts sentences handed to the model (called before each run starts)."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def observe_dispatch(self, waits) -> None:
+        self.items += len(waits)
+
+    def observe_batch(self, *args) -> None:
+        pass
+
+    def reject(self, reason: str) -> None:
+        pass
+
+
+ACTIONS = st.lists(st.one_of(
+    st.tuples(st.just("submit"), st.lists(st.integers(1, 30), min_size=1, max_size=6)),
+    st.tuples(st.just("leave"), st.integers(0, 1000)),
+    st.tuples(st.just("release"), st.integers(1, 3)),
+    st.tuples(st.just("wait"), st.sampled_from([0.0, 0.01, 0.03])),
+), min_size=1, max_size=40)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(ACTIONS, st.integers(1, 8), st.integers(30, 200), st.integers(6, 40), st.sampled_from([0.02, 0.2, 30.0]))
+def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, max_tokens, queue, timeout):
+    async def scenario():
+        model, dispatches = SteppedModel(), Dispatches()
+        batcher = Batcher(model, limits(max_batch_size=max_size, max_batch_tokens=max_tokens, max_padding_ratio=10.0,
+                                        max_queue_size=queue, request_timeout_s=timeout), dispatches)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        tags = iter(range(1_000, 10**9))
+        jobs, refused, left_before = [], [], {}  # left_before: job index -> tags taken when it left
+
+        async def settle() -> set[int]:
+            """Wait until every dispatched sentence has entered the model; the tags taken so far."""
+            for _ in range(2000):
+                await asyncio.sleep(0)
+                if model.entered() == dispatches.items:
+                    break
+                await asyncio.sleep(0.001)
+            with model.lock:
+                return {t for batch in model.batches for t in batch}
+
+        for action, value in actions:
+            if action == "submit":
+                request = [[next(tags)] + [7] * (length - 1) for length in value]
+                try:
+                    job = batcher.submit(request)
+                except QueueFull:
+                    refused.append(request)
+                    continue
+                ended: list[float] = []
+                job.future.add_done_callback(lambda _, ended=ended: ended.append(loop.time()))
+                jobs.append((request, job, loop.time(), ended))
+            elif action == "leave" and jobs:
+                index = value % len(jobs)
+                taken = await settle()
+                job = jobs[index][1]
+                if not job.future.done():
+                    job.future.cancel()
+                    left_before[index] = taken
+            elif action == "release":
+                for _ in range(value):
+                    model.permits.release()
+            elif action == "wait":
+                await asyncio.sleep(value)
+            await asyncio.sleep(0)
+        for _ in range(10_000):  # let everything finish
+            model.permits.release()
+        await asyncio.wait_for(batcher.close(), 20)
+        return model.batches, jobs, refused, left_before
+
+    batches, jobs, refused, left_before = asyncio.run(scenario())
+    ran = [tag for batch in batches for tag in batch]
+    assert len(ran) == len(set(ran)), "a sentence ran twice"
+    assert all(0 < len(batch) <= max_size for batch in batches)
+    refused_tags = {s[0] for request in refused for s in request}
+    assert not refused_tags & set(ran), "a refused request reached the model"
+    for index, (request, job, submitted, ended) in enumerate(jobs):
+        assert job.future.done(), "an accepted request was never answered"
+        own = [s[0] for s in request]
+        if job.future.cancelled():
+            later = set(ran) - left_before[index]
+            assert not set(own) & later, "a sentence ran after its client left"
+            continue
+        error = job.future.exception()
+        if error is None:
+            assert job.future.result() == [tuple(s) for s in request]  # its own answers, in input order
+            assert all(tag in set(ran) for tag in own)
+        else:
+            assert isinstance(error, DeadlineExceeded), error
+            assert ended[0] >= submitted + timeout - 1e-6, "answered 504 before its deadline"

@@ -3,7 +3,6 @@ direct single-sentence onnxruntime run; answers never swap between requests or w
 
 from __future__ import annotations
 
-import csv
 import http.client
 import json
 import random
@@ -13,30 +12,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
 
-from model_export.tokenizer import encode
-
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "models" / "banking77" / "1"
-
-
-def sentences() -> list[str]:
-    with (ROOT / "data" / "banking77" / "test.csv").open(encoding="utf-8") as handle:
-        return [row["text"] for row in csv.DictReader(handle)]
+import contract
+from conftest import SHIPPED, sentences
 
 
 def alone(folder: Path, texts: list[str]) -> np.ndarray:
     """Reference: each sentence run by itself (batch of one, no padding) in a plain onnxruntime session."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    ids = encode(Tokenizer.from_file(str(folder / "tokenizer.json")), texts, manifest["max_length"])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {"input_ids": np.array([s], dtype=np.int64),
-                                              "lengths": np.array([len(s)], dtype=np.int64)})[0] for s in ids])
+    artifact = contract.check(folder)
+    manifest = artifact.manifest
+    ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
 
 
 def classify_all(url: str, requests: list[list[str]], concurrency: int = 64) -> list[list[dict]]:
@@ -109,7 +96,6 @@ def test_multi_text_requests_keep_order(service_factory, test_artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="the shipped model models/banking77/1 is not built")
 def test_shipped_model_under_load(service_factory):
     texts = sentences()
     check(SHIPPED, service_factory(SHIPPED.parent, **MIXING), texts, [[t] for t in texts])
