@@ -1,7 +1,7 @@
 # The sentence classifier service image.
 #   docker build -t sentence-classifier .                         CPU image (the `serve` extra)
 #   docker build --build-arg EXTRA=gpu -t sentence-classifier:gpu .   GPU image (onnxruntime-gpu replaces onnxruntime)
-#   docker build --build-arg EXTRA=load --target loadtest .       headless Locust (compose profile `loadtest`)
+#   docker build --build-arg EXTRA=locust --target loadtest .     headless Locust (compose profile `loadtest`)
 # Stages: base (Debian's Python 3.11) -> requirements (one pyproject extra's list) -> build (a virtualenv holding
 # it, plus /app assembled) -> runtime (that virtualenv, contract.py, service/ and models/; non-root; no compilers, pip, caches
 # or build-time CA files).
@@ -19,11 +19,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
-# The extra's requirements, read from pyproject.toml. Copied onward by content, so a change elsewhere in
-# pyproject.toml (another extra, a tool setting) does not redo the install below.
+# The extra's requirements, read from pyproject.toml, and the tested versions (constraints.txt). Copied onward by
+# content, so a change elsewhere in pyproject.toml (another extra, a tool setting) does not redo the install below.
 FROM base AS requirements
 ARG EXTRA=serve
-COPY pyproject.toml /build/
+COPY pyproject.toml constraints.txt /build/
 RUN python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"][sys.argv[2]]))' \
         /build/pyproject.toml "$EXTRA" > /build/requirements.txt
 
@@ -42,9 +42,9 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
 # pip and setuptools go once the install is done: the runtime never installs anything. The bytecode pip
 # compiled stays (+27 MB): with a read-only root nothing could cache it, and start-up to ready took 0.7 s
 # with it against 1.3 s without (measured with docker run, same machine).
-COPY --from=requirements /build/requirements.txt /build/
+COPY --from=requirements /build/requirements.txt /build/constraints.txt /build/
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/python -m pip install --no-cache-dir -r /build/requirements.txt \
+    && /opt/venv/bin/python -m pip install --no-cache-dir -c /build/constraints.txt -r /build/requirements.txt \
     && /opt/venv/bin/python -c 'import importlib.metadata as md, sys; sys.exit("onnxruntime and onnxruntime-gpu are both installed") if {"onnxruntime", "onnxruntime-gpu"} <= {d.metadata["Name"].lower() for d in md.distributions()} else None' \
     && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
     && find /opt/venv -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +

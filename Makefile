@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -27,13 +27,14 @@ $(PY):
 
 venv: $(PY)
 
-# Stamp files: reinstall only when pyproject.toml changes.
-$(VENV)/.serve: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[serve]'
+# Stamp files: reinstall only when pyproject.toml or constraints.txt changes. Every install takes the tested
+# versions in constraints.txt (`make constraints` rewrites it from a venv whose tests pass).
+$(VENV)/.serve: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet -c constraints.txt -e '.[serve]'
 	touch $@
 
-$(VENV)/.all: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[serve,export,load,dev]'
+$(VENV)/.all: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet -c constraints.txt -e '.[serve,export,load,dev]'
 	touch $@ $(VENV)/.serve
 
 install-serve: $(VENV)/.serve
@@ -52,8 +53,9 @@ $(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py)
 
 test-artifact: $(TEST_ARTIFACT)/manifest.json
 
+PYTEST_ARGS ?=
 test: $(VENV)/.all test-artifact bench-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Load testing and benchmarks (README, "Load testing & benchmarks").
 LOADTEST_HOST ?= http://$(HOST):$(PORT)
@@ -61,8 +63,8 @@ LOADTEST_USERS ?= 64
 LOADTEST_TIME ?= 30s
 BENCH_ARGS ?=
 
-$(VENV)/.load: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[load]'
+$(VENV)/.load: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet -c constraints.txt -e '.[locust]'
 	touch $@
 
 # wrk (a Debian package) is the harness's closed-loop generator; the tests that drive it fail without it.
@@ -83,7 +85,7 @@ loadtest: $(VENV)/.load
 		--html loadtest/reports/report.html --csv loadtest/reports/locust
 
 # Containers for real (README, "Docker"): lint, then as root on Debian start an engine if needed, build,
-# `docker compose up`, classify, stop under load, run the loadtest profile, tear down. Skips where no engine can run.
+# `docker compose up`, classify, stop under load, run the loadtest profile, tear down. Fails where no engine can run.
 docker-ci: $(VENV)/.all
 	VENV=$(VENV) bash scripts/ci_docker.sh
 
@@ -96,6 +98,10 @@ overload: $(VENV)/.all
 
 soak: $(VENV)/.all
 	$(PY) -m loadtest.soak --model-dir $(MODEL_DIR) --seconds $(SOAK_SECONDS)
+
+constraints: $(VENV)/.all
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis

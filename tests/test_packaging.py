@@ -1,0 +1,99 @@
+"""Installs that work on a fresh machine: every third-party module a package imports is declared in the extra it
+runs from, each package imports from a clean virtualenv holding only its extra, and every install takes the
+tested versions of constraints.txt."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+PROJECT = PYPROJECT["project"]["name"]
+OURS = {"contract", "service", "model_export", "loadtest", "conftest"}
+# The code each extra must be enough for.
+USES = {"serve": ["contract.py", "service"], "export": ["contract.py", "model_export"], "load": ["loadtest"],
+        "locust": ["loadtest/locustfile.py"], "dev": ["tests", "scripts"]}
+
+
+def sources(names: list[str]) -> list[Path]:
+    paths = [ROOT / name for name in names]
+    return [p for path in paths for p in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
+
+
+def imported(paths: list[Path]) -> set[str]:
+    """Top-level names of the third-party modules these files import (at any depth of the code)."""
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name not in OURS}
+
+
+def declared(extra: str) -> set[str]:
+    """Distribution names an extra asks for, through the project's references to its own extras."""
+    names = set()
+    for requirement in EXTRAS[extra]:
+        name, extras = re.match(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?", requirement).groups()
+        if name == PROJECT:
+            for inner in (extras or "").split(","):
+                names |= declared(inner.strip())
+        else:
+            names.add(_normal(name))
+    return names
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("extra", list(USES))
+def test_every_imported_module_is_declared_in_its_extra(extra):
+    providers = importlib.metadata.packages_distributions()
+    wanted = declared(extra) | (declared("load") | declared("export") | declared("serve") if extra == "dev" else set())
+    missing = {module: providers.get(module) for module in imported(sources(USES[extra]))
+               if not {_normal(d) for d in providers.get(module, [module])} & wanted}
+    assert not missing, f"imported but not declared in the {extra!r} extra: {missing}"
+
+
+def test_every_dependency_is_pinned_in_constraints():
+    pinned = {_normal(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    for extra in ("serve", "export", "load", "locust", "dev"):
+        assert declared(extra) <= pinned, f"{extra}: not in constraints.txt: {declared(extra) - pinned}"
+    for target in ("Makefile", "Dockerfile"):
+        assert "-c constraints.txt" in (ROOT / target).read_text().replace("/build/", ""), target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["serve", "load", "export"])
+def test_each_package_imports_from_a_clean_venv_of_its_extra(extra, tmp_path):
+    """What `pip install '.[extra]'` gives a new user is enough to import every module that extra is for."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              "-c", str(ROOT / "constraints.txt"), f"{ROOT}[{extra}]"],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    modules = []
+    for path in sources(USES[extra]):
+        relative = path.relative_to(ROOT).with_suffix("")
+        if relative.name != "locustfile":  # Locust monkey-patches at import; the locust extra's test imports it
+            modules.append(".".join(relative.parts).removesuffix(".__init__"))
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
+    result = subprocess.run([str(python), "-c", code, *modules], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
