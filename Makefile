@@ -46,10 +46,13 @@ serve: $(VENV)/.serve
 artifact: $(VENV)/.all
 	$(PY) -m model_export train $(DATA) --label-column category --out $(MODEL_DIR)/1 --name banking77 --force
 
-# A small, fast artifact for the tests (a stratified sample, a few epochs, a narrow model).
-$(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py)
-	$(PY) -m model_export train $(DATA) --label-column category --out $(TEST_ARTIFACT) --name test-model --force \
-		--limit 1600 --epochs 4 --learning-rate 0.01 --embedding-dim 32 --hidden-size 32 --vocab-size 800 --threads 1 --no-progress
+# A small, fast artifact for the tests (a stratified sample, a few epochs, a narrow model), in two versions
+# (seeds 0 and 1: different weights) for the repository tests.
+TEST_TRAIN = $(PY) -m model_export train $(DATA) --label-column category --name test-model --force \
+	--limit 1600 --epochs 4 --learning-rate 0.01 --embedding-dim 32 --hidden-size 32 --vocab-size 800 --threads 1 --no-progress
+$(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py) contract.py
+	$(TEST_TRAIN) --out $(TEST_ARTIFACT) --seed 0
+	$(TEST_TRAIN) --out $(dir $(TEST_ARTIFACT))2 --seed 1
 
 test-artifact: $(TEST_ARTIFACT)/manifest.json
 

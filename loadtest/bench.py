@@ -5,7 +5,8 @@
 
 Configurations (``--configs``, in this order by default): ``on`` (the service, defaults), ``off`` (the service with
 ``SCS_MAX_BATCH_SIZE=1``), ``naive`` (FastAPI + onnxruntime, one model run per request), ``fastapi`` (constant
-FastAPI answer: H_fastapi) and ``raw`` (constant raw ASGI on the service's uvicorn settings: H_raw). Every server
+FastAPI answer: H_fastapi), ``raw`` (constant raw ASGI on the service's uvicorn settings: H_raw) and ``v2`` (the
+service through the Open Inference Protocol, binary tensors as tritonclient sends them). Every server
 starts up front, pinned to the server core (``taskset``); the harness and the load generator stay on the load
 core. Then, for each of ``--rounds`` rounds, each concurrency level, each configuration in turn gets a closed-loop
 point from ``wrk``: what is compared at one level was measured seconds apart, so the machine's drift over minutes
@@ -49,11 +50,18 @@ class Config:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     service: bool = False  # exposes the service's /metrics (batch sizes, padding)
+    cwd: Path | None = None
+    protocol: str = "classify"  # "v2": Open Inference Protocol requests, binary tensors, to path
+    path: str = "/classify"
 
 
-def configs(model_dir: Path, port_of) -> dict[str, Config]:
-    """Every configuration the harness knows, each on its own free port."""
-    python, model = sys.executable, ["--model-dir", str(model_dir)]
+KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "reference")
+DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2")
+
+def configs(model_dir: Path, port_of, reference: Path | None = None) -> dict[str, Config]:
+    """Every configuration the harness knows, each on its own free port. ``reference``: another checkout of the
+    project, whose service runs (batching on) beside this one's, for A/B comparisons of a change."""
+    python, model = sys.executable, ["--model-dir", str(model_dir.resolve())]
 
     def where(name: str) -> list[str]:
         return ["--host", "127.0.0.1", "--port", str(port_of(name))]
@@ -70,7 +78,19 @@ def configs(model_dir: Path, port_of) -> dict[str, Config]:
                           [python, "-m", "loadtest.baselines.constant_app", *model, *where("fastapi")]),
         "raw": Config("raw", "constant answer, raw ASGI on the service's uvicorn (H_raw)",
                       [python, "-m", "loadtest.baselines.constant_app", "--raw", *model, *where("raw")]),
+        "v2": Config("v2", "service, batching on, V2 infer with binary tensors",
+                     [python, "-m", "service", *model, *where("v2")], SERVER_ENV, service=True, protocol="v2",
+                     path=f"/v2/models/{model_name(model_dir)}/infer"),
+        "reference": Config("reference", f"service, batching on, from {reference}",
+                            [python, "-m", "service", *model, *where("reference")], SERVER_ENV, service=True,
+                            cwd=reference),
     }
+
+
+def model_name(model_dir: Path) -> str:
+    """The name the repository serves ``model_dir``'s model under (its model folder's name)."""
+    folder = contract.version_folder(model_dir).resolve()
+    return folder.parent.name
 
 
 def model_ceiling(version_dir: Path, sentences: list[str], core: int | None, seconds: float,
@@ -112,10 +132,11 @@ def _measure_once(server: Server, config: Config, level: float, args, mode: str)
     samples = scrape(server.url) if config.service else {}
     threads = server.thread_cpu_seconds()
     cpu, core, started = server.cpu_seconds(), core_busy_seconds(watched), time.monotonic()
+    bodies = args.bodies_paths[config.protocol]
     if mode == "open":
-        row = generators.open_loop(server.url, level, args.open_seconds, args.bodies_path, args.load_core)
+        row = generators.open_loop(server.url, level, args.open_seconds, bodies, args.load_core, path=config.path)
     else:
-        row = generators.wrk(server.url, int(level), args.seconds, args.bodies_path, args.load_core)
+        row = generators.wrk(server.url, int(level), args.seconds, bodies, args.load_core, config.path)
     elapsed = time.monotonic() - started
     server_cpu = (server.cpu_seconds() - cpu) / elapsed
     core_after = core_busy_seconds(watched)
@@ -156,11 +177,11 @@ def median_points(points: list[dict]) -> list[dict]:
 
 def run(args, run_data: dict, log_dir: Path) -> None:
     ports: dict[str, int] = {}
-    known = configs(args.model_dir, lambda name: ports.setdefault(name, free_port()))
+    known = configs(args.model_dir, lambda name: ports.setdefault(name, free_port()), args.reference)
     chosen = [known[name] for name in args.configs]
     servers: dict[str, Server] = {}
     for config in chosen:
-        server = Server(config.name, config.argv, ports[config.name], config.env)
+        server = Server(config.name, config.argv, ports[config.name], config.env, cwd=config.cwd)
         shown = ["PORT" if arg == str(ports[config.name]) else arg for arg in config.argv[1:]]
         run_data["commands"][config.name] = " ".join([f"{k}={v}" for k, v in config.env.items()]
                                                      + ["python", *shown]).replace(str(ROOT) + "/", "")
@@ -280,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model folder (models/x) or version folder (models/x/1); default: models/banking77")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "banking77" / "test.csv",
                         help="CSV with a 'text' column: the sentences sent (default: Banking77 test split)")
-    parser.add_argument("--configs", default="on,off,naive,fastapi,raw",
-                        help="comma-separated, in order, from: on, off, naive, fastapi, raw")
+    parser.add_argument("--configs", default=",".join(DEFAULT),
+                        help="comma-separated, in order, from: " + ", ".join(KNOWN))
+    parser.add_argument("--reference", type=Path,
+                        help="another checkout of this project: its service is the 'reference' configuration")
     parser.add_argument("--concurrency", type=lambda t: _numbers(int, t), default=[1, 8, 32, 64, 128],
                         help="closed-loop client counts (default 1,8,32,64,128)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per closed-loop point (default 8)")
@@ -309,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    known = ("on", "off", "naive", "fastapi", "raw")
     chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in known]
+    unknown = [c for c in chosen if c not in KNOWN]
     if unknown or not chosen:
-        parser.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+        parser.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN)}")
+    if ("reference" in chosen) != (args.reference is not None):
+        parser.error("the 'reference' configuration and --reference CHECKOUT go together")
+    if args.reference is not None and not (args.reference / "service" / "__main__.py").is_file():
+        parser.error(f"--reference {args.reference}: not a checkout of this project (no service/__main__.py)")
     args.configs = chosen
     if args.seconds <= 0 or args.open_seconds <= 0 or args.warmup < 0 or args.ceiling_seconds <= 0 or args.rounds < 1:
         parser.error("--seconds, --open-seconds and --ceiling-seconds must be > 0, --warmup >= 0, --rounds >= 1")
@@ -339,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {args.out}: cannot write there ({error.strerror})")
-    args.bodies_path = log_dir / "bodies.tsv"
-    args.mean_sentences = write_bodies(request_bodies(args.sentences, args.texts, args.multi_percent, args.multi_max),
-                                       args.bodies_path)
+    args.bodies_paths = {protocol: log_dir / f"bodies-{protocol}.tsv" for protocol in ("classify", "v2")}
+    for protocol, path in args.bodies_paths.items():
+        args.mean_sentences = write_bodies(request_bodies(args.sentences, args.texts, args.multi_percent,
+                                                          args.multi_max, protocol=protocol), path)
     run_data = {"configs": args.configs, "names": {}, "raw_points": [], "points": [], "skipped": {}, "commands": {}}
     args.pinned = TASKSET is not None and (os.cpu_count() or 1) > max(args.server_core, args.load_core)
     if not args.pinned:
@@ -363,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         stop_all()
-    run_data["names"] = {name: config.title for name, config in configs(args.model_dir, lambda _: 0).items()}
+    run_data["names"] = {name: config.title for name, config in configs(args.model_dir, lambda _: 0,
+                                                                         args.reference).items()}
     run_data["meta"] = machine(args) | {"seconds": round(time.monotonic() - started),
                                         "load_average": f"{load_before} before the run, {_load_average()} after it"}
     run_data["bars"] = report.bars(run_data)
@@ -386,7 +414,7 @@ def write_outputs(run_data: dict, args) -> None:
     (args.out / "bench.md").write_text(report.markdown(run_data, "bench.png"), encoding="utf-8")
     say("")
     say(report.markdown(run_data, plot_name=None))
-    complete = not run_data["skipped"] and set(args.configs) == set(configs(args.model_dir, lambda _: 0))
+    complete = not run_data["skipped"] and set(args.configs) >= set(DEFAULT)
     if args.benchmarks != "none":
         if not complete:
             say(f"left {args.benchmarks} as it was: only a complete run (every configuration measured) rewrites it")

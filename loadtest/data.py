@@ -11,11 +11,12 @@ import json
 import math
 import random
 import re
+import struct
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-Body = tuple[int, bytes]  # (sentences in it, the JSON body)
+Body = tuple[int, bytes, int]  # (sentences in it, the body, the length of its JSON header: 0 for a JSON body)
 
 
 def read_sentences(path: Path, column: str = "text") -> list[str]:
@@ -36,34 +37,48 @@ def read_sentences(path: Path, column: str = "text") -> list[str]:
 
 
 def request_bodies(sentences: Sequence[str], texts: int = 1, multi_percent: int = 0, multi_max: int = 8,
-                   count: int = 4000, seed: int = 0) -> list[Body]:
-    """``count`` bodies for ``POST /classify``: ``texts`` sentences each, or, with ``multi_percent``, that share
-    of requests carrying 2 to ``multi_max`` texts and the rest one."""
+                   count: int = 4000, seed: int = 0, protocol: str = "classify") -> list[Body]:
+    """``count`` request bodies of ``texts`` sentences each, or, with ``multi_percent``, that share of requests
+    carrying 2 to ``multi_max`` texts and the rest one. ``protocol``: ``classify`` (``POST /classify`` JSON) or
+    ``v2`` (an Open Inference Protocol request with the TEXT tensor in binary, as tritonclient sends by default,
+    asking for every output in binary)."""
     rng, bodies = random.Random(seed), []
     for _ in range(count):
         if multi_percent and rng.randrange(100) < multi_percent:
             chosen = rng.choices(sentences, k=rng.randint(2, multi_max))
         else:
             chosen = rng.choices(sentences, k=texts)
-        body = {"text": chosen[0]} if len(chosen) == 1 else {"texts": chosen}
-        bodies.append((len(chosen), json.dumps(body, ensure_ascii=False).encode()))
+        if protocol == "v2":
+            bodies.append((len(chosen), *v2_binary(chosen)))
+        else:
+            body = {"text": chosen[0]} if len(chosen) == 1 else {"texts": chosen}
+            bodies.append((len(chosen), json.dumps(body, ensure_ascii=False).encode(), 0))
     return bodies
 
 
+def v2_binary(texts: Sequence[str]) -> tuple[bytes, int]:
+    """A V2 infer body with the binary tensor data extension: (body, length of its JSON header)."""
+    data = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts)],
+                                     "parameters": {"binary_data_size": len(data)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + data, len(header)
+
+
 def write_bodies(bodies: Sequence[Body], path: Path) -> float:
-    """The generators' request file, ``<sentences>\\t<JSON body>`` per line; returns the mean sentences per body."""
-    with path.open("w", encoding="utf-8") as handle:
-        for count, body in bodies:
-            handle.write(f"{count}\t{body.decode()}\n")
-    return sum(count for count, _ in bodies) / len(bodies)
+    """The generators' request file, ``<sentences>\t<JSON header length>\t<body in hex>`` per line; returns the
+    mean sentences per body."""
+    with path.open("w", encoding="ascii") as handle:
+        for count, body, header in bodies:
+            handle.write(f"{count}\t{header}\t{body.hex()}\n")
+    return sum(body[0] for body in bodies) / len(bodies)
 
 
 def read_bodies(path: Path) -> list[Body]:
     bodies = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        count, _, body = line.partition("\t")
-        if body:
-            bodies.append((int(count), body.encode()))
+    for line in path.read_text(encoding="ascii").splitlines():
+        count, header, body = line.split("\t")
+        bodies.append((int(count), bytes.fromhex(body), int(header)))
     if not bodies:
         raise ValueError(f"{path}: no request bodies")
     return bodies

@@ -23,11 +23,12 @@ WRK_SCRIPT = HERE / "wrk" / "classify.lua"
 WRK = shutil.which("wrk")
 
 
-def wrk(url: str, connections: int, seconds: float, bodies: Path, core: int | str | None) -> dict:
-    """``connections`` closed-loop clients for ``seconds`` (whole seconds: wrk takes no fractions)."""
+def wrk(url: str, connections: int, seconds: float, bodies: Path, core: int | str | None,
+        path: str = "/classify") -> dict:
+    """``connections`` closed-loop clients for ``seconds`` (whole seconds: wrk takes no fractions), to ``path``."""
     seconds = max(1, round(seconds))
     argv = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "--latency",
-            "-s", str(WRK_SCRIPT), url, "--", str(bodies)]
+            "-s", str(WRK_SCRIPT), url, "--", str(bodies), path]
     code, output, cpu = finish(spawn(argv, core, capture=True), timeout=seconds + 40)
     found = re.search(r"^WRK_JSON (\{.*\})$", output, re.MULTILINE)
     if code != 0 or not found:
@@ -42,9 +43,10 @@ def wrk(url: str, connections: int, seconds: float, bodies: Path, core: int | st
             "p99_ms": raw["p99_ms"], "load_cpu": cpu}
 
 
-def open_loop(url: str, rate: float, seconds: float, bodies: Path, core: int | None, grace: float = 5.0) -> dict:
+def open_loop(url: str, rate: float, seconds: float, bodies: Path, core: int | str | None, grace: float = 5.0,
+              path: str = "/classify") -> dict:
     argv = [sys.executable, "-m", "loadtest.traffic", "--url", url, "--rate", f"{rate:.3f}",
-            "--seconds", f"{seconds:g}", "--bodies", str(bodies), "--grace", f"{grace:g}"]
+            "--seconds", f"{seconds:g}", "--bodies", str(bodies), "--grace", f"{grace:g}", "--path", path]
     code, output, _ = finish(spawn(argv, core, capture=True, cwd=HERE.parent), timeout=seconds + grace + 30)
     lines = [line for line in output.splitlines() if line.startswith("{")]
     if code != 0 or not lines:

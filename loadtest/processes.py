@@ -158,6 +158,7 @@ class Server:
     port: int
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
+    cwd: Path | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -166,7 +167,7 @@ class Server:
 
     def start(self, core: int | str | None, log: Path, timeout: float = 180.0) -> None:
         """Start it and wait until ready; raise with the log's tail if it exits or never gets ready."""
-        self.process = spawn(self.argv, core, self.env, log)
+        self.process = spawn(self.argv, core, self.env, log, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -75,6 +75,11 @@ def bars(run: dict) -> list[dict]:
     if top and top["load"] >= 32:
         bar(f"padded/real tokens at saturation (c={top['load']}) <= 1.2", f"{top['padding_ratio']:.3f}",
             top["padding_ratio"] <= 1.2)
+    v2, on = at(points, "v2", 64), at(points, "on", 64)
+    if v2 and on:
+        share = v2["rps"] / on["rps"]
+        bar("c=64: V2 (binary) within 15% of /classify", f"{share:.2f}x ({v2['rps']:,.0f} / {on['rps']:,.0f} req/s)",
+            share >= 0.85)
     errors = sum(p["errors"] for p in points)
     bar("no errors in any point", f"{errors} errors", errors == 0)
     return rows
@@ -157,7 +162,8 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
 
 
 def _ratios(points: list[dict], levels: list[int]) -> list[str]:
-    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("on", "fastapi"), ("on", "raw")]
+    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("on", "fastapi"), ("on", "raw"),
+             ("on", "reference")]
     pairs = [(a, b) for a, b in pairs if closed(points, a) and closed(points, b)]
     if not pairs:
         return ["(no two configurations measured)"]

@@ -7,7 +7,7 @@ and its latency counts from that due time, so time spent waiting for a connectio
 in the figure. Overload and soak runs use ``Traffic`` in process; the benchmark runs the open loop as its own
 process, pinned to the load core:
 
-    python -m loadtest.traffic --url http://127.0.0.1:8000 --rate 200 --seconds 8 --bodies bodies.tsv
+    python -m loadtest.traffic --url http://127.0.0.1:8000 --rate 200 --seconds 8 --bodies bodies.tsv [--path /classify]
 
 which prints one JSON object: offered and answered rates, p50/p90/p99 of the answered requests, errors by
 kind, ``lag_ms`` (how late the generator itself started requests) and ``load_cpu`` (its CPU seconds per second).
@@ -41,25 +41,32 @@ class Record:
     done: float = 0.0
     status: str = "unfinished"  # the HTTP status, a transport error's name, "hung" or "unfinished"
     retry_after: bool = False
+    body: bytes | None = None  # the answer, when the traffic keeps answers
+    index: int = 0  # which of the bodies was sent
 
 
 class Traffic:
     """A pool of keep-alive connections to one server; every request becomes a ``Record`` in ``records``."""
 
     def __init__(self, url: str, bodies: Sequence[Body], connections: int = 512, limit_s: float = 30.0,
-                 path: str = "/classify") -> None:
+                 path: str = "/classify", keep_answers: bool = False, headers: dict[str, str] | None = None) -> None:
         self.client = HTTPClient.from_url(url, concurrency=connections, connection_timeout=limit_s,
                                           network_timeout=limit_s)
-        self.bodies, self.limit_s, self.path = bodies, limit_s, path
+        self.bodies, self.limit_s, self.path, self.keep_answers = bodies, limit_s, path, keep_answers
+        self.headers = {"Content-Type": "application/json"} | (headers or {})
         self.records: list[Record] = []
         self._sent = 0
 
-    def _one(self, record: Record, body: bytes) -> None:
+    def _one(self, record: Record, body: bytes, header: int) -> None:
+        headers = self.headers if not header else self.headers | {
+            "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header)}
         try:
             with gevent.Timeout(self.limit_s):
-                response = self.client.post(self.path, body=body, headers={"Content-Type": "application/json"})
-                response.read()
+                response = self.client.post(self.path, body=body, headers=headers)
+                answer = response.read()
                 record.status = str(response.status_code)
+                if self.keep_answers:
+                    record.body = answer
                 record.retry_after = response.get("retry-after") is not None
         except gevent.Timeout:
             record.status = "hung"
@@ -67,12 +74,13 @@ class Traffic:
             record.status = type(error).__name__
         record.done = time.perf_counter()
 
-    def _next(self, due: float) -> tuple[Record, bytes]:
-        count, body = self.bodies[self._sent % len(self.bodies)]
+    def _next(self, due: float) -> tuple[Record, bytes, int]:
+        index = self._sent % len(self.bodies)
+        count, body, header = self.bodies[index]
         self._sent += 1
-        record = Record(due, count)
+        record = Record(due, count, index=index)
         self.records.append(record)
-        return record, body
+        return record, body, header
 
     def closed(self, clients: int, seconds: float) -> list[Record]:
         """``clients`` loops for ``seconds``, each sending its next request when the last is answered."""
@@ -125,9 +133,9 @@ def summary(records: Sequence[Record], seconds: float) -> dict:
 
 
 def open_loop(url: str, bodies: Sequence[Body], rate: float, seconds: float, connections: int = 512,
-              grace: float = 5.0) -> dict:
+              grace: float = 5.0, path: str = "/classify") -> dict:
     """Offer ``rate`` requests/s for ``seconds``; wait at most ``grace`` more for answers, then count the rest."""
-    traffic = Traffic(url, bodies, connections, seconds + grace)
+    traffic = Traffic(url, bodies, connections, seconds + grace, path)
     cpu, start = time.process_time(), time.perf_counter()
     group, lag, _ = traffic.open(rate, seconds)
     group.join(timeout=max(0.0, start + seconds + grace - time.perf_counter()) + 1.0)
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bodies", type=Path, required=True, help="request file: '<sentences>\\t<JSON>' per line")
     parser.add_argument("--connections", type=int, default=512, help="most requests in flight at once")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to wait for answers after the last start")
+    parser.add_argument("--path", default="/classify", help="the route requests go to")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0 or args.connections < 1 or args.grace < 0:
         parser.error("--rate and --seconds must be > 0, --connections >= 1, --grace >= 0")
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.grace)))
+    print(json.dumps(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.grace, args.path)))
     return 0
 
 

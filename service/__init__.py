@@ -1,1 +1,3 @@
-"""Serve an ONNX sentence classifier over HTTP with dynamic batching (onnxruntime, never torch)."""
+"""Serve ONNX sentence classifiers over HTTP with dynamic batching (onnxruntime, never torch)."""
+
+__version__ = "0.2.0"

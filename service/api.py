@@ -1,6 +1,7 @@
-"""The routes off the hot path, on FastAPI: probes, the model summary, metrics, and the docs.
+"""The routes off the hot path, on FastAPI: probes, the model summaries, metrics, the V2 metadata, health and
+repository routes (``v2.add_routes``), and the docs.
 
-``service.app`` sends every request that is not a hot route (``POST /classify``) here, inside the one request-id,
+``service.app`` sends every request that is not a hot route (``POST /classify``, V2 infer) here, inside the one request-id,
 metrics and auth stack it builds for all routes; this app adds no middleware of its own.
 """
 
@@ -14,8 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
+from . import __version__, v2
 from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error_id
 from .openapi import document
 from .schemas import ErrorResponse, error_details
@@ -24,8 +26,8 @@ from .state import Phase, ServiceState
 log = logging.getLogger("service.api")
 
 
-class JSON(Response):
-    media_type = "application/json"
+class JSON(JSONResponse):
+    """orjson instead of json; a JSONResponse, so the docs show the route's response model."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -39,7 +41,7 @@ def create_api(state: ServiceState) -> FastAPI:
     settings = state.settings
     api = FastAPI(
         title="Sentence classifier",
-        version="0.1.0",
+        version=__version__,
         description="Classify sentences with an ONNX model; concurrent requests are batched dynamically. "
                     "Every error answers `{\"error\": {\"code\", \"message\", \"details\"}}`.",
         default_response_class=JSON,
@@ -61,9 +63,18 @@ def create_api(state: ServiceState) -> FastAPI:
             return error_response(Unhealthy(state.failure or "failed"))
         return error_response(NotReady(draining=state.phase is Phase.DRAINING))
 
-    @api.get("/v1/model", summary="the model served, its provider and the batching settings")
-    async def model_info() -> dict:
-        return model_summary(state)
+    @api.get("/v1/model", summary="the default model: its manifest summary, provider and the batching settings",
+             responses={404: {"model": ErrorResponse, "description": "the default model is not served (unloaded)"}})
+    async def model_info() -> Response:
+        try:
+            return JSON(model_summary(state))
+        except ServiceError as error:
+            return error_response(error)
+
+    @api.get("/v1/models", summary="every model of the repository: its version policy, the versions served "
+             "(provider, memory, queue) and the versions refused, with why")
+    async def models() -> dict:
+        return {"default": state.repository.default_model, "models": state.repository.describe()}
 
     @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
@@ -85,18 +96,21 @@ def create_api(state: ServiceState) -> FastAPI:
         log.error("unhandled error", exc_info=exc, extra={"fields": {"error_id": error_id}})
         return error_response(internal_error(error_id))
 
+    v2.add_routes(api, state)
     document(api, max_text_chars=settings.max_text_chars, max_texts=settings.max_texts,
-             num_classes=len(state.engine.labels), secured=settings.api_key is not None)
+             num_classes=max(len(e.labels) for e in state.repository.all_engines()),
+             secured=settings.api_key is not None)
     return api
 
 
 def model_summary(state: ServiceState) -> dict:
-    engine, settings = state.engine, state.settings
+    engine, settings = state.repository.route(), state.settings
     manifest = engine.manifest.model_dump(mode="json")
     keep = ("name", "version", "created_at", "num_classes", "max_length", "vocab_size", "opset", "metrics",
             "dataset", "verification", "versions")
     return {
         "model": {key: manifest[key] for key in keep if key in manifest} | {
+            "name": engine.name,
             "labels": engine.labels,
             "folder": engine.runtime.artifact.folder.name,
             "files": {name: entry["sha256"] for name, entry in manifest["files"].items()},

@@ -1,6 +1,6 @@
-"""The ASGI application: the lifespan that runs the engine, and for every HTTP request one stack (request id,
-metrics, in-flight count, then auth and CORS) in front of the routes: the hot route ``POST /classify`` as a raw
-ASGI handler, everything else through FastAPI (``service.api``).
+"""The ASGI application: the lifespan that runs the model repository's engines, and for every HTTP request one
+stack (request id, metrics, in-flight count, then auth and CORS) in front of the routes: the hot routes
+(``POST /classify``, the V2 infer route) as raw ASGI handlers, everything else through FastAPI (``service.api``).
 
     uvicorn --factory service.app:create_app     # works; ``python -m service`` adds signals, drain and our protocol
 """
@@ -11,21 +11,21 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
-
-from contract import version_folder
 
 from . import logs
 from .api import create_api
 from .asgi import respond
 from .classify import ClassifyRoute
-from .engine import Engine
 from .errors import ServiceError
 from .metrics import Metrics
-from .runtime import Runtime, load_runtime
+from .repository import Repository
+from .runtime import Runtime
 from .security import secure
 from .settings import Settings
 from .state import ServiceState
+from .v2 import INFER, InferRoute
 
 log = logging.getLogger("service.app")
 
@@ -38,11 +38,12 @@ class App:
         self.state = state
         self.api = create_api(state)
         self.classify = ClassifyRoute(state)
+        self.infer = InferRoute(state)
         self.routes = secure(self._route, state.settings)
         self.access_log = logging.getLogger("service.access") if state.settings.access_log else None
         self.in_flight = 0
-        state.metrics.bind(lambda: state.engine.queue_depth, lambda: self.in_flight)
-        self._warmup: asyncio.Task | None = None
+        state.metrics.bind_in_flight(lambda: self.in_flight)
+        self._tasks: list[asyncio.Task] = []
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -54,14 +55,15 @@ class App:
             await self.api(scope, receive, send)
 
     async def _route(self, scope, receive, send) -> None:
-        if scope["path"] == "/classify":
-            if scope["method"] == "POST":
-                await self.classify(scope, receive, send)
-            else:
-                error = ServiceError(405, "method_not_allowed", "Method Not Allowed", headers={"Allow": "POST"})
-                await respond(send, error.status, error.body(), headers=error.headers)
-        else:
+        path = scope["path"]
+        hot = self.classify if path == "/classify" else self.infer if INFER.match(path) else None
+        if hot is None:
             await self.api(scope, receive, send)
+        elif scope["method"] == "POST":
+            await hot(scope, receive, send)
+        else:
+            error = ServiceError(405, "method_not_allowed", "Method Not Allowed", headers={"Allow": "POST"})
+            await respond(send, error.status, error.body(), headers=error.headers)
 
     async def _http(self, scope, receive, send) -> None:
         """X-Request-ID in (if sane) or made, and out; per-request metrics; the optional access log."""
@@ -91,7 +93,7 @@ class App:
         finally:
             self.in_flight -= 1
             seconds = time.perf_counter() - started
-            self.state.metrics.observe_request(scope["path"], status, seconds)
+            self.state.metrics.observe_request(endpoint(scope["path"]), status, seconds)
             if self.access_log is not None:
                 self.access_log.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": {
                     "method": scope["method"], "path": scope["path"], "status": status,
@@ -110,41 +112,65 @@ class App:
                 return
 
     def _start(self) -> None:
-        state = self.state
-        state.engine.start(on_failure=lambda error: state.fail(f"the batcher task died ({error!r})"))
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_up(), name="warm-up")
+        loop = asyncio.get_running_loop()
+        for engine in self.state.repository.all_engines():
+            engine.start(self.state.repository.on_failure)
+        self._tasks.append(loop.create_task(self._warm_up(), name="warm-up"))
+        if self.state.settings.repository_poll_s > 0:
+            self._tasks.append(loop.create_task(self.state.repository.poll(self.state.settings.repository_poll_s),
+                                                name="repository-poll"))
 
     async def _warm_up(self) -> None:
         state = self.state
-        try:
-            milliseconds = await state.engine.warm_up()
-        except Exception as error:
-            log.exception("warm-up failed")
-            state.fail(f"warm-up failed ({error!r})")
-            return
+        for engine in state.repository.all_engines():
+            try:
+                milliseconds = await engine.warm_up()
+            except Exception as error:
+                log.exception("warm-up failed")
+                state.fail(f"warm-up failed for {engine.name} v{engine.version} ({error!r})")
+                return
+            log.info("warm", extra={"fields": {"model": engine.name, "version": engine.version,
+                                               "warmup_ms": round(milliseconds, 1), "provider": engine.provider}})
         state.mark_ready()
-        log.info("ready", extra={"fields": {"warmup_ms": round(milliseconds, 1), "provider": state.engine.provider}})
+        log.info("ready", extra={"fields": {"models": {n: sorted(v) for n, v in state.repository.engines.items()}}})
 
     async def _stop(self) -> None:
         """Queued and running sentences finish within what is left of the one shutdown deadline."""
         state = self.state
         state.start_draining()
-        if self._warmup is not None and not self._warmup.done():
-            self._warmup.cancel()
-        if await state.engine.close(state.time_left()):
+        for task in self._tasks:
+            task.cancel()
+        if await state.repository.close(state.time_left()):
             log.info("stopped: queue drained")
         else:
             state.unfinished = True
             log.error("stopped with work still queued: it did not finish within graceful_timeout_s")
 
 
+ENDPOINTS = frozenset({"/classify", "/healthz", "/readyz", "/v1/model", "/v1/models", "/metrics", "/v2",
+                       "/v2/health/live", "/v2/health/ready", "/v2/repository/index"})
+PATTERNS = [(re.compile(p), name) for p, name in (
+    (r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$", "/v2/models/{model}/infer"),
+    (r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$", "/v2/models/{model}/ready"),
+    (r"^/v2/models/[^/]+(/versions/[^/]+)?$", "/v2/models/{model}"),
+    (r"^/v2/repository/models/[^/]+/(load|unload)$", "/v2/repository/models/{model}/load|unload"))]
+
+
+def endpoint(path: str) -> str:
+    """The metrics label of a path: the route it matched, never the raw path (whose values are unbounded)."""
+    if path in ENDPOINTS:
+        return path
+    for pattern, name in PATTERNS:
+        if pattern.match(path):
+            return name
+    return "other"
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> App:
-    """The app for ``settings``; loads and checks the model unless ``runtime`` is given (``ArtifactError``)."""
+    """The app for ``settings``: loads and checks the repository's models (``ArtifactError`` when none can be
+    served). ``runtime``: an already opened version, served in place of loading that folder (tests)."""
     settings = settings or Settings()
-    if runtime is None:
-        runtime = load_runtime(version_folder(settings.model_dir, settings.model_version), settings.provider,
-                               settings.intra_op_threads, settings.inter_op_threads)
     metrics = Metrics()
-    metrics.model_info.labels(runtime.artifact.name, runtime.artifact.version, runtime.provider).set(1)
-    engine = Engine(runtime, settings.batch_limits(), metrics)
-    return App(ServiceState(settings, engine, metrics))
+    repository = Repository(settings, metrics)
+    repository.load_at_start(runtime)
+    return App(ServiceState(settings, repository, metrics))

@@ -11,6 +11,7 @@ whose other sentences failed is never run. A failing run fails only the requests
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,18 +37,22 @@ class Job(Generic[R]):
     """One request: its sentences resolve ``future`` together, in input order. Cancelling the future (the
     client left) drops its sentences that are still queued."""
 
-    __slots__ = ("future", "results", "remaining", "deadline", "request_id")
+    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id")
 
-    def __init__(self, future: asyncio.Future, count: int, deadline: float, request_id: str | None) -> None:
+    def __init__(self, future: asyncio.Future, count: int, now: float, timeout_s: float,
+                 request_id: str | None) -> None:
         self.future = future
         self.results: list[R | None] = [None] * count
         self.remaining = count
-        self.deadline = deadline
+        self.deadline, self.timeout_s = now + timeout_s, timeout_s
         self.request_id = request_id
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+    def __lt__(self, other: Job) -> bool:  # the deadline heap's order
+        return self.deadline < other.deadline
 
 
 class Item:
@@ -83,7 +88,7 @@ class Batcher(Generic[R]):
         self._own_executor = executor is None
         self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
         self._buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
-        self._jobs: deque[Job[R]] = deque()  # arrival order == deadline order (one timeout for all)
+        self._jobs: list[Job[R]] = []  # a heap by deadline (requests may ask for less than the server's timeout)
         self._size = 0  # queued items not yet taken (some may belong to finished jobs until discarded)
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -120,8 +125,10 @@ class Batcher(Generic[R]):
         if on_failure is not None:
             on_failure(error)
 
-    def submit(self, sequences: list[list[int]], request_id: str | None = None) -> Job[R]:
-        """Queue every sentence of one request, or none of them (``QueueFull``, or ``NotReady`` when closing)."""
+    def submit(self, sequences: list[list[int]], request_id: str | None = None,
+               timeout_s: float | None = None) -> Job[R]:
+        """Queue every sentence of one request, or none of them (``QueueFull``, or ``NotReady`` when closing).
+        Its deadline is ``timeout_s`` from now, at most the limits' ``request_timeout_s``."""
         if self._closing:
             raise NotReady(draining=True)
         if self._size + len(sequences) > self.limits.max_queue_size:
@@ -130,8 +137,9 @@ class Batcher(Generic[R]):
             raise QueueFull()
         loop = asyncio.get_running_loop()
         now = loop.time()
-        job: Job[R] = Job(loop.create_future(), len(sequences), now + self.limits.request_timeout_s, request_id)
-        self._jobs.append(job)
+        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        job: Job[R] = Job(loop.create_future(), len(sequences), now, timeout, request_id)
+        heapq.heappush(self._jobs, job)
         buckets = self._buckets
         for index, ids in enumerate(sequences):
             item = Item(job, index, ids, now)
@@ -223,7 +231,7 @@ class Batcher(Generic[R]):
 
     def _expire(self, job: Job) -> None:
         if not job.future.done():
-            job.future.set_exception(DeadlineExceeded(self.limits.request_timeout_s))
+            job.future.set_exception(DeadlineExceeded(job.timeout_s))
             if self._metrics:
                 self._metrics.reject("deadline_exceeded")
 
@@ -326,4 +334,4 @@ class Batcher(Generic[R]):
             await asyncio.sleep(period)
             now = loop.time()
             while jobs and (jobs[0].future.done() or jobs[0].deadline <= now):
-                self._expire(jobs.popleft())
+                self._expire(heapq.heappop(jobs))

@@ -18,7 +18,7 @@ from .asgi import ClientGone, cancelled_if_client_leaves, read_body, respond
 from .engine import Classification
 from .errors import ServiceError, internal_error, new_error_id
 from .logs import request_id
-from .schemas import ClassifyRequest, Limits, invalid_request
+from .schemas import ClassifyRequest, Limits, invalid_request, top_k_out_of_range
 from .state import ServiceState
 
 log = logging.getLogger("service.classify")
@@ -26,11 +26,11 @@ log = logging.getLogger("service.classify")
 
 class ClassifyRoute:
     def __init__(self, state: ServiceState) -> None:
-        settings, engine = state.settings, state.engine
+        settings = state.settings
         self.state = state
-        self.limits = Limits(settings.max_text_chars, settings.max_texts, len(engine.labels))
+        self.limits = Limits(settings.max_text_chars, settings.max_texts)
         self.max_body = settings.max_body_bytes
-        self.default_top_k = min(settings.default_top_k, len(engine.labels))
+        self.default_top_k = settings.default_top_k
 
     async def __call__(self, scope, receive, send) -> None:
         headers = None
@@ -56,9 +56,14 @@ class ClassifyRoute:
         except ValidationError as error:
             raise invalid_request(raw, error.errors(include_url=False)) from None
         texts = [request.text] if request.texts is None else request.texts
+        # From here to the queue nothing awaits: the version routed to cannot leave the table in between.
+        engine = self.state.repository.route(request.model, request.version)
+        classes = len(engine.labels)
+        if request.top_k is not None and request.top_k > classes:
+            raise top_k_out_of_range(classes)
         with cancelled_if_client_leaves(scope, receive):
-            result = await self.state.engine.classify(texts, request_id.get())
-        return orjson.dumps(render(result, request.top_k or self.default_top_k))
+            result = await engine.classify(texts, request_id.get())
+        return orjson.dumps(render(result, min(request.top_k or self.default_top_k, classes)))
 
 
 def render(result: Classification, top_k: int) -> dict:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import contract
 
-from .batcher import Batcher, BatchLimits, BatchMetrics
+from .batcher import Batcher, BatchLimits
+from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
 
 log = logging.getLogger("service.engine")
@@ -36,13 +37,16 @@ class Classification:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, limits: BatchLimits, metrics: BatchMetrics | None = None,
+    def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
                  executor: ThreadPoolExecutor | None = None) -> None:
         artifact = runtime.artifact
         self.runtime = runtime
         self.manifest = artifact.manifest
-        self.name, self.version, self.labels = artifact.name, artifact.version, artifact.labels
-        self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, metrics, executor)
+        self.name, self.version, self.labels = name, artifact.version, artifact.labels
+        self.metrics: ModelMetrics | None = (metrics.for_model(name, self.version, runtime.provider,
+                                                               lambda: self.queue_depth) if metrics else None)
+        self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor)
+        self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
         self._tokenizer = artifact.tokenizer
         self._max_length, self._unk_id = self.manifest.max_length, self.manifest.unk_id
 
@@ -60,11 +64,13 @@ class Engine:
         await self.batcher.run_in_worker(self.runtime.warmup)
         return (time.perf_counter() - started) * 1000
 
-    async def classify(self, texts: list[str], request_id: str | None = None) -> Classification:
-        """Every text's scores, in order. Raises ``QueueFull``, ``NotReady`` (closing), ``DeadlineExceeded`` or
-        ``BatchFailed`` (all ``ServiceError``); cancelling the caller drops what is still queued."""
+    async def classify(self, texts: list[str], request_id: str | None = None,
+                       timeout_s: float | None = None) -> Classification:
+        """Every text's scores, in order, within ``timeout_s`` (at most the server's). Raises ``QueueFull``,
+        ``NotReady`` (closing), ``DeadlineExceeded`` or ``BatchFailed`` (all ``ServiceError``); cancelling the
+        caller drops what is still queued."""
         ids, truncated = contract.encode(self._tokenizer, texts, self._max_length, self._unk_id)
-        job = self.batcher.submit(ids, request_id)
+        job = self.batcher.submit(ids, request_id, timeout_s)
         scores = await job.future
         return Classification(self.name, self.version, self.labels, scores, truncated)
 

@@ -1,4 +1,8 @@
-"""Prometheus metrics (names follow Triton's and Prometheus' conventions), in a registry per app."""
+"""Prometheus metrics (names follow Triton's and Prometheus' conventions), in a registry per app.
+
+Model-side series carry ``model`` and ``version`` labels. Each engine gets a ``ModelMetrics`` with its label
+children bound once, so the hot path does no label lookups; unloading a version removes its series.
+"""
 
 from __future__ import annotations
 
@@ -10,71 +14,112 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 5.0)
-ENDPOINTS = frozenset({"/classify", "/healthz", "/readyz", "/v1/model", "/metrics"})
+MODEL = ["model", "version"]
 
 
 class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # the *_created series only add noise to every scrape
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("scs_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.latency = Histogram("scs_request_duration_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("scs_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.rejections = Counter("scs_rejections_total", "requests refused or dropped, by reason (model and version "
+                                  "empty when refused before one was chosen)", ["reason", *MODEL], registry=r)
         self.queue_wait = Histogram("scs_queue_wait_seconds", "time a sentence waited in the queue before its run",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("scs_batch_size_sentences", "sentences per model run", buckets=SIZE_BUCKETS,
+                                    MODEL, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("scs_batch_size_sentences", "sentences per model run", MODEL, buckets=SIZE_BUCKETS,
                                     registry=r)
         self.batch_tokens = Histogram("scs_batch_padded_tokens", "padded tokens (longest x count) per model run",
-                                      buckets=TOKEN_BUCKETS, registry=r)
-        self.padding_ratio = Histogram("scs_batch_padding_ratio", "padded / real tokens per model run",
+                                      MODEL, buckets=TOKEN_BUCKETS, registry=r)
+        self.padding_ratio = Histogram("scs_batch_padding_ratio", "padded / real tokens per model run", MODEL,
                                        buckets=RATIO_BUCKETS, registry=r)
-        self.real_tokens_total = Counter("scs_real_tokens", "real tokens run through the model", registry=r)
-        self.padded_tokens_total = Counter("scs_padded_tokens", "padded tokens run through the model", registry=r)
-        self.run_time = Histogram("scs_model_run_seconds", "model run time per batch (worker thread)",
+        self.real_tokens = Counter("scs_real_tokens", "real tokens run through the model", MODEL, registry=r)
+        self.padded_tokens = Counter("scs_padded_tokens", "padded tokens run through the model", MODEL, registry=r)
+        self.run_time = Histogram("scs_model_run_seconds", "model run time per batch (worker thread)", MODEL,
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.rejections = Counter("scs_rejections_total", "requests refused or dropped, by reason", ["reason"],
-                                  registry=r)
-        self.queue_depth = Gauge("scs_queue_depth", "sentences waiting in the batch queue", registry=r)
-        self.in_flight = Gauge("scs_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.model_info = Gauge("scs_model_info", "the model being served", ["name", "version", "provider"],
-                                registry=r)
+        self.queue_depth = Gauge("scs_queue_depth", "sentences waiting in the batch queue", MODEL, registry=r)
+        self.model_info = Gauge("scs_model_info", "a model version being served, and its provider",
+                                ["name", "version", "provider"], registry=r)
+        self.model_memory = Gauge("scs_model_memory_bytes", "resident memory the process grew by while loading "
+                                  "this version (approximate)", MODEL, registry=r)
+        self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
+                                     MODEL, registry=r)
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-        self._reject_children: dict[str, Counter] = {}
+        self._reject_children: dict[tuple[str, str, str], Counter] = {}
 
-    def bind(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
-        """Gauges read at scrape time: no cost on the hot path."""
-        self.queue_depth.set_function(queue_depth)
+    def bind_in_flight(self, in_flight: Callable[[], float]) -> None:
+        """Read at scrape time: no cost on the hot path."""
         self.in_flight.set_function(in_flight)
 
-    def observe_request(self, path: str, status: int, seconds: float) -> None:
-        key = (path if path in ENDPOINTS else "other", status)
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
         children = self._request_children.get(key)
         if children is None:
-            endpoint = key[0]
             children = self._request_children[key] = (self.requests.labels(endpoint, str(status)),
                                                       self.latency.labels(endpoint))
         children[0].inc()
         children[1].observe(seconds)
 
+    def reject(self, reason: str, model: str = "", version: str = "") -> None:
+        key = (reason, model, version)
+        child = self._reject_children.get(key)
+        if child is None:
+            child = self._reject_children[key] = self.rejections.labels(reason, model, version)
+        child.inc()
+
+    def for_model(self, model: str, version: str, provider: str, queue_depth: Callable[[], float]) -> ModelMetrics:
+        self.model_info.labels(model, version, provider).set(1)
+        self.queue_depth.labels(model, version).set_function(queue_depth)
+        return ModelMetrics(self, model, version, provider)
+
+
+class ModelMetrics:
+    """One model version's series, children bound once (the batcher's ``BatchMetrics``)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str, provider: str) -> None:
+        self.metrics, self.model, self.version, self.provider = metrics, model, version, provider
+        self._wait = metrics.queue_wait.labels(model, version).observe
+        self._size = metrics.batch_size.labels(model, version).observe
+        self._tokens = metrics.batch_tokens.labels(model, version).observe
+        self._ratio = metrics.padding_ratio.labels(model, version).observe
+        self._real = metrics.real_tokens.labels(model, version).inc
+        self._padded = metrics.padded_tokens.labels(model, version).inc
+        self._run = metrics.run_time.labels(model, version).observe
+
     def observe_dispatch(self, waits: Sequence[float]) -> None:
         """A batch leaves the queue: how long each of its sentences waited."""
-        observe = self.queue_wait.observe
+        observe = self._wait
         for wait in waits:
             observe(wait)
 
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
         """One model run: its size, tokens and time."""
-        self.batch_size.observe(size)
-        self.batch_tokens.observe(padded_tokens)
-        self.padding_ratio.observe(padded_tokens / real_tokens)
-        self.real_tokens_total.inc(real_tokens)
-        self.padded_tokens_total.inc(padded_tokens)
-        self.run_time.observe(seconds)
+        self._size(size)
+        self._tokens(padded_tokens)
+        self._ratio(padded_tokens / real_tokens)
+        self._real(real_tokens)
+        self._padded(padded_tokens)
+        self._run(seconds)
 
     def reject(self, reason: str) -> None:
-        child = self._reject_children.get(reason)
-        if child is None:
-            child = self._reject_children[reason] = self.rejections.labels(reason)
-        child.inc()
+        self.metrics.reject(reason, self.model, self.version)
+
+    def memory(self, grown_bytes: int) -> None:
+        self.metrics.model_memory.labels(self.model, self.version).set(grown_bytes)
+
+    def remove(self) -> None:
+        """The version is unloaded: its series go (a scrape must not show a model that is not served)."""
+        m, labels = self.metrics, (self.model, self.version)
+        for family in (m.queue_wait, m.batch_size, m.batch_tokens, m.padding_ratio, m.real_tokens, m.padded_tokens,
+                       m.run_time, m.queue_depth, m.model_memory):
+            try:
+                family.remove(*labels)
+            except KeyError:
+                pass
+        try:
+            m.model_info.remove(self.model, self.version, self.provider)
+        except KeyError:
+            pass

@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from .security import OPEN_PATHS
+from .v2 import InferRequest, InferResponse, V2Error
 
 # What schemas.check_text refuses, as one JSON-schema pattern: no C0/C1 control character except tab,
 # newline and carriage return, and at least one character that is not whitespace.
@@ -27,6 +28,7 @@ _REF = "#/components/schemas/{model}"
 _ERROR = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
 ERRORS = {
     "400": "malformed JSON or invalid UTF-8",
+    "404": "no such model, or no such version of it served",
     "413": "body larger than SCS_MAX_BODY_BYTES",
     "422": "request does not match the schema (also: text too long, too many texts, top_k out of range)",
     "500": "the model run failed (details.error_id is in the logs)",
@@ -56,7 +58,8 @@ def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: 
 
 def _classify(schema: dict) -> None:
     _, defs = models_json_schema([(ClassifyRequest, "validation"), (ClassifyResponse, "serialization"),
-                                  (ErrorResponse, "serialization")], ref_template=_REF)
+                                  (ErrorResponse, "serialization"), (InferRequest, "validation"),
+                                  (InferResponse, "serialization"), (V2Error, "serialization")], ref_template=_REF)
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
     schema["paths"]["/classify"] = {"post": {
         "summary": "Classify",
@@ -74,6 +77,31 @@ def _classify(schema: dict) -> None:
             "schema": {"$ref": _REF.format(model="ClassifyResponse")}}}}}
         | {status: {"description": text, "content": _ERROR} for status, text in ERRORS.items()},
     }}
+    v2_error = {"application/json": {"schema": {"$ref": _REF.format(model="V2Error")}}}
+    for path, parameters in (("/v2/models/{model_name}/infer", ["model_name"]),
+                             ("/v2/models/{model_name}/versions/{model_version}/infer", ["model_name", "model_version"])):
+        schema["paths"][path] = {"post": {
+            "summary": "V2: infer",
+            "tags": ["v2"],
+            "operationId": "infer" + ("_version" if "model_version" in parameters else ""),
+            "description": "Open Inference Protocol inference on the TEXT input. JSON `data`, or the binary tensor "
+                           "data extension: `Inference-Header-Content-Length: N` says the body starts with N bytes "
+                           "of this JSON, followed by the binary tensors (each BYTES element a 4-byte little-endian "
+                           "length and its bytes); outputs come back in binary when asked (`binary_data`). "
+                           "`parameters.classification: k` on an output answers `score:index:label` strings.",
+            "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                           for name in parameters],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF.format(model="InferRequest")}}}},
+            "responses": {"200": {"description": "one output tensor per requested output", "content": {
+                "application/json": {"schema": {"$ref": _REF.format(model="InferResponse")}}}}}
+            | {status: {"description": text, "content": v2_error} for status, text in (
+                ("400", "the tensors do not fit the model (datatype, shape, binary sizes, UTF-8, outputs)"),
+                ("404", "no such model or version served"), ("413", "body larger than SCS_MAX_BODY_BYTES"),
+                ("415", "unsupported Content-Encoding"), ("500", "the model run failed"),
+                ("503", "queue full, warming up or shutting down (Retry-After)"),
+                ("504", "not answered within the request's timeout"))},
+        }}
 
 
 def _limits(schema: dict, max_text_chars: int, max_texts: int, num_classes: int) -> None:
@@ -94,7 +122,8 @@ def _shapes(schema: dict) -> None:
     paths = schema["paths"]
     for path in ("/healthz", "/readyz"):
         paths[path]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": _STATUS}}
-    paths["/v1/model"]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
+    for path in ("/v1/model", "/v1/models"):
+        paths[path]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
 
 

@@ -23,7 +23,6 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 class Limits:
     max_text_chars: int
     max_texts: int
-    num_classes: int
 
 
 EXAMPLE_TEXT = "I still have not received my new card, I ordered over a week ago."
@@ -35,11 +34,15 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"text": EXAMPLE_TEXT},
         {"texts": [EXAMPLE_TEXT, "How do I top up by card?"], "top_k": 3},
-    ]})
+        {"text": EXAMPLE_TEXT, "model": "banking77", "version": "1"},
+    ]}, protected_namespaces=())
 
     text: str | None = Field(None, description="one sentence")
     texts: list[str] | None = Field(None, description="several sentences; answers come back in the same order")
-    top_k: int | None = Field(None, description="how many classes to list in `probabilities` (default: server's)")
+    top_k: int | None = Field(None, description="how many classes to list in `probabilities` (default: server's; "
+                              "at most the model's class count)")
+    model: str | None = Field(None, description="which model of the repository (default: the default model)")
+    version: str | None = Field(None, description="which of its served versions (default: the newest served)")
 
     @field_validator("text")
     @classmethod
@@ -71,11 +74,9 @@ class ClassifyRequest(BaseModel):
 
     @field_validator("top_k")
     @classmethod
-    def _check_top_k(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limits = _limits(info)
-        if value is not None and not 1 <= value <= limits.num_classes:
-            raise PydanticCustomError("top_k_out_of_range", "top_k must be between 1 and {limit}",
-                                      {"limit": limits.num_classes})
+    def _check_top_k(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise PydanticCustomError("top_k_out_of_range", "top_k must be at least 1")
         return value
 
     @model_validator(mode="after")
@@ -91,16 +92,27 @@ def _limits(info: ValidationInfo) -> Limits:
     return info.context
 
 
-def check_text(text: str, limits: Limits) -> None:
-    if len(text) > limits.max_text_chars:
-        raise PydanticCustomError("text_too_long", "text has {chars} characters; the limit is {limit}",
-                                  {"chars": len(text), "limit": limits.max_text_chars})
+def problem_with_text(text: str, max_chars: int) -> tuple[str, str] | None:
+    """Why ``text`` cannot be classified, as (error type, message), or None: the rule /classify and V2 share."""
+    if len(text) > max_chars:
+        return "text_too_long", f"text has {len(text)} characters; the limit is {max_chars}"
     if not text.strip():
-        raise PydanticCustomError("empty_text", "text is empty or only whitespace")
+        return "empty_text", "text is empty or only whitespace"
     match = CONTROL.search(text)
     if match:
-        raise PydanticCustomError("control_character", "text holds control character U+{code} at index {index}",
-                                  {"code": f"{ord(match.group()):04X}", "index": match.start()})
+        return "control_character", f"text holds control character U+{ord(match.group()):04X} at index {match.start()}"
+    return None
+
+
+def check_text(text: str, limits: Limits) -> None:
+    problem = problem_with_text(text, limits.max_text_chars)
+    if problem:
+        raise PydanticCustomError(*problem)
+
+
+def top_k_out_of_range(num_classes: int) -> ServiceError:
+    return ServiceError(422, "invalid_request", "the request does not match the schema", [
+        {"loc": ["top_k"], "type": "top_k_out_of_range", "msg": f"top_k must be between 1 and {num_classes}"}])
 
 
 class Prediction(BaseModel):
@@ -111,8 +123,8 @@ class Prediction(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model: str
-    version: str
+    model: str = Field(description="the model that answered")
+    version: str = Field(description="its version: every prediction of one answer comes from this one version")
     predictions: list[Prediction]
 
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{

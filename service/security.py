@@ -16,7 +16,8 @@ from .asgi import respond
 from .errors import unauthorized
 
 # Probes must work without credentials (kubelet, load balancers); the docs describe the API, not its data.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect",
+                        "/redoc", "/openapi.json"})
 
 
 class BearerAuth:

@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .batcher import BatchLimits
 
 
+@dataclass(frozen=True)
+class VersionPolicy:
+    kind: str  # "latest", "all" or "specific"
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        found = re.fullmatch(r"\s*(latest)(?::(\d+))?\s*|\s*(all)\s*|\s*(specific):(\d+(?:,\d+)*)\s*", text)
+        if not found:
+            raise ValueError(f"version policy {text!r}: expected latest, latest:N, all or specific:1,2")
+        if found.group(1):
+            count = int(found.group(2) or 1)
+            if count < 1:
+                raise ValueError(f"version policy {text!r}: latest:N needs N >= 1")
+            return cls("latest", count)
+        if found.group(3):
+            return cls("all")
+        return cls("specific", versions=tuple(sorted({int(v) for v in found.group(5).split(",")})))
+
+    def select(self, available: list[int]) -> list[int]:
+        if self.kind == "latest":
+            return available[-self.count:]
+        if self.kind == "all":
+            return available
+        return [v for v in self.versions if v in available]
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        return "all" if self.kind == "all" else "specific:" + ",".join(map(str, self.versions))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCS_", extra="forbid", protected_namespaces=())
 
-    # The model
-    model_dir: Path = Field(Path("models/banking77"), description="models/<name> (newest integer version) or a version folder")
-    model_version: int | None = Field(None, ge=0, description="pin a version under model_dir instead of the newest")
+    # The models
+    model_dir: Path = Field(Path("models"), description="a model repository (models/<name>/<version>/), one model "
+                            "folder (models/<name>) or one version folder")
+    models: str = Field("", description="comma-separated: serve only these models of the repository (each must load)")
+    default_model: str = Field("", description="the model a request without `model` gets (default: the first by name)")
+    version_policy: str = Field("latest:1", description="versions served per model: latest:N, all, or specific:1,2 "
+                                "(a model folder's model.json may set its own)")
+    model_version: int | None = Field(None, ge=0, description="serve only this version (one model)")
+    repository_poll_s: float = Field(0.0, ge=0, description="look for new or removed versions this often (0: never)")
+    allow_repository_control: bool = Field(False, description="without SCS_API_KEY, allow the V2 repository "
+                                           "load/unload API anyway (with a key it is always allowed, to key holders)")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when onnxruntime has it, else CPU")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: onnxruntime decides)")
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads (0: onnxruntime decides)")
@@ -54,6 +96,12 @@ class Settings(BaseSettings):
 
     def batch_limits(self) -> BatchLimits:
         return BatchLimits(**{field.name: getattr(self, field.name) for field in fields(BatchLimits)})
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        VersionPolicy.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

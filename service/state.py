@@ -1,4 +1,4 @@
-"""The service's state: its settings, metrics and engine, and where the process is in its life.
+"""The service's state: its settings, metrics and model repository, and where the process is in its life.
 
 Only the lifespan (``service.app``) and the server's signal handler (``service.__main__``) move it along, through
 the methods below; routes only read it.
@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
-from .engine import Engine
 from .errors import NotReady, Unhealthy
 from .metrics import Metrics
+from .repository import Repository
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -27,8 +27,9 @@ class Phase(Enum):
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
-        self.settings, self.engine, self.metrics = settings, engine, metrics
+    def __init__(self, settings: Settings, repository: Repository, metrics: Metrics) -> None:
+        self.settings, self.repository, self.metrics = settings, repository, metrics
+        repository.on_failure = lambda error: self.fail(f"a batcher task died ({error!r})")
         self.phase = Phase.STARTING
         self.failure: str | None = None
         self.shutdown_deadline: float | None = None  # monotonic; set when the server starts shutting down

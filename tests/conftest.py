@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+
+import contract
 
 from loadtest.data import read_sentences
 from loadtest.processes import free_port
@@ -33,6 +36,14 @@ TEXT = "I still have not received my new card, I ordered over a week ago."
 def sentences() -> list[str]:
     """The 3,080 Banking77 test sentences."""
     return read_sentences(TEST_CSV)
+
+
+def alone(folder: Path, texts: list[str]) -> np.ndarray:
+    """Reference: each sentence run by itself (batch of one, no padding) in a plain onnxruntime session."""
+    artifact = contract.check(folder)
+    manifest = artifact.manifest
+    ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
 
 
 @pytest.fixture(scope="session")
@@ -117,10 +128,17 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 
 def read_metric(url: str, name: str, **labels: str) -> float:
-    """Sum of the /metrics samples named ``name`` with exactly these labels (0 when absent)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted + " "))
+    """Sum of the /metrics samples named ``name`` whose labels include these (0 when none)."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        found, _, rest = sample.partition("{")
+        if found != name:
+            continue
+        have = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if "=" in pair)
+        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from service.settings import Settings
 from conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
+KSERVE = ROOT / "deploy" / "kserve"
 # The oldest Kubernetes still in common support, and the newest the validator knows.
 VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 
@@ -110,7 +111,7 @@ def setting_names() -> set[str]:
 
 def test_every_scs_variable_in_k8s_compose_and_dockerfile_is_a_setting() -> None:
     """A renamed setting would otherwise be ignored silently by the deployments."""
-    used = set(env_values(container()["env"]))
+    used = set(env_values(container()["env"])) | set(env_values(kserve_container()["env"]))
     for compose in ("docker-compose.yml", "docker-compose.gpu.yml"):
         services = yaml.safe_load((ROOT / compose).read_text())["services"]
         used |= set(services["classifier"].get("environment", {}))
@@ -156,3 +157,66 @@ def test_gpu_override_builds_its_own_image_and_reserves_a_gpu() -> None:
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert gpu["environment"]["SCS_PROVIDER"] == "cuda"
+
+
+# --- scaling on queue wait (deploy/k8s/queue-wait) and KServe (deploy/kserve) ---------------------------------------
+
+def kserve(name: str) -> dict:
+    return yaml.safe_load((KSERVE / name).read_text())
+
+
+def kserve_container() -> dict:
+    (only,) = kserve("servingruntime.yaml")["spec"]["containers"]
+    return only
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_queue_wait_overlay_patches_the_hpa_into_a_valid_one(version: str) -> None:
+    overlay = yaml.safe_load((K8S / "queue-wait" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../"] and overlay["patches"] == [{"path": "hpa.yaml"}]
+    patch = yaml.safe_load((K8S / "queue-wait" / "hpa.yaml").read_text())
+    hpa = load("hpa.yaml")
+    assert patch["metadata"]["name"] == hpa["metadata"]["name"] and patch["kind"] == hpa["kind"]
+    hpa["spec"]["metrics"] = patch["spec"]["metrics"]  # a list without a merge key: the patch replaces it
+    kubernetes_validate.validate(hpa, version, strict=True)
+
+
+def test_the_adapter_rule_reads_real_series_and_feeds_the_hpa() -> None:
+    from service.metrics import Metrics
+
+    (rule,) = yaml.safe_load((K8S / "queue-wait" / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    wanted = yaml.safe_load((K8S / "queue-wait" / "hpa.yaml").read_text())["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert rule["name"]["as"] == wanted
+    exposed = {metric.name for metric in Metrics().registry.collect()}
+    used = set(re.findall(r"\b(scs_[a-z_]+?)(?:_sum|_count)\b", rule["seriesQuery"] + rule["metricsQuery"]))
+    assert used == {"scs_queue_wait_seconds"} and used <= exposed
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_kserve_runtime_container_is_a_valid_pod(version: str) -> None:
+    """KServe's CRDs are not in the validator; their pod part is core Kubernetes, so it is checked as a Pod."""
+    runtime = kserve("servingruntime.yaml")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"},
+           "spec": {"containers": runtime["spec"]["containers"], "volumes": runtime["spec"]["volumes"]}}
+    kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_the_inference_service_names_the_runtime_and_the_v2_protocol() -> None:
+    from service.security import OPEN_PATHS
+
+    runtime, service = kserve("servingruntime.yaml"), kserve("inferenceservice.yaml")
+    assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1", "ServingRuntime")
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    model = service["spec"]["predictor"]["model"]
+    assert set(service["spec"]["predictor"]) <= {"minReplicas", "maxReplicas", "model"}
+    assert set(model) == {"modelFormat", "protocolVersion", "runtime"}
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert model["modelFormat"]["name"] in [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
+    spec = kserve_container()
+    (port,) = spec["ports"]
+    assert port["containerPort"] == int(env_values(spec["env"])["SCS_PORT"])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert spec[probe]["httpGet"]["port"] == port["name"] and spec[probe]["httpGet"]["path"] in OPEN_PATHS
+    assert spec["image"].split(":")[0] == container()["image"]
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"

@@ -46,11 +46,13 @@ def test_the_request_bodies_and_percentiles():
     sentences = read_sentences(TEST_CSV)
     assert len(sentences) == 3080
     single = request_bodies(sentences, count=50)
-    assert all(count == 1 and set(json.loads(body)) == {"text"} for count, body in single)
+    assert all(count == 1 and set(json.loads(body)) == {"text"} and header == 0 for count, body, header in single)
     eight = request_bodies(sentences, texts=8, count=50)
-    assert all(count == 8 and len(json.loads(body)["texts"]) == 8 for count, body in eight)
+    assert all(count == 8 and len(json.loads(body)["texts"]) == 8 for count, body, _ in eight)
     mixed = request_bodies(sentences, multi_percent=50, count=400)
-    assert {count == 1 for count, _ in mixed} == {True, False}
+    assert {count == 1 for count, _, _ in mixed} == {True, False}
+    [(count, body, header)] = request_bodies(sentences, texts=3, count=1, protocol="v2")
+    assert json.loads(body[:header])["inputs"][0]["parameters"]["binary_data_size"] == len(body) - header
     assert percentile([3, 1, 2], 50) == 2 and percentile([], 99) == 0 and percentile(list(range(100)), 99) == 98
     with pytest.raises(ValueError, match="no column 'sentence'"):
         read_sentences(TEST_CSV, "sentence")
@@ -66,21 +68,21 @@ def test_a_complete_tiny_run_writes_bars_tables_plot_and_section(tmp_path: Path)
     assert not run["skipped"], run["skipped"]
     closed = [p for p in run["points"] if p["mode"] == "closed"]
     assert sorted((p["config"], p["load"]) for p in closed) == [
-        (config, level) for config in sorted(("fastapi", "naive", "off", "on", "raw")) for level in (1, 4)]
+        (config, level) for config in sorted(("fastapi", "naive", "off", "on", "raw", "v2")) for level in (1, 4)]
     assert all(p["errors"] == 0 and p["rps"] > 0 for p in closed)
     for p in closed:
-        if p["config"] in ("on", "off"):  # the service's own figures, from its /metrics and /proc
+        if p["config"] in ("on", "off", "v2"):  # the service's own figures, from its /metrics and /proc
             assert p["mean_batch"] >= 1 and p["padding_ratio"] >= 1
             assert p["cpu_us_per_request"]["event_loop"] > 0 and p["cpu_us_per_request"]["model"] > 0
     assert {p["mean_batch"] for p in closed if p["config"] == "off"} == {1.0}  # batching off ran one per run
-    assert {p["config"] for p in run["points"] if p["mode"] == "open"} == {"on", "off", "naive", "fastapi", "raw"}
+    assert {p["config"] for p in run["points"] if p["mode"] == "open"} == {"on", "off", "naive", "fastapi", "raw", "v2"}
     assert {(r["batch"], r["tokenize"]) for r in run["ceiling"]["rows"]} >= {(1, False), (64, True)}
     judged = {bar["bar"]: bar["passed"] for bar in run["bars"]}
     assert "batching off >= naive at every concurrency" in judged and "no errors in any point" in judged
     assert (result.returncode == 1) == (False in judged.values())
 
     table = (tmp_path / "out" / "bench.md").read_text()
-    assert "| on / off |" in table and "| ceiling_raw |" in table and "| configuration | c=1 | c=4 |" in table
+    assert "| on / off |" in table and "| v2 / on |" in table and "| ceiling_raw |" in table and "| configuration | c=1 | c=4 |" in table
     image = matplotlib.image.imread(tmp_path / "out" / "bench.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
     text = benchmarks.read_text()

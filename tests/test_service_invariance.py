@@ -14,16 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-import contract
-from conftest import SHIPPED, sentences
-
-
-def alone(folder: Path, texts: list[str]) -> np.ndarray:
-    """Reference: each sentence run by itself (batch of one, no padding) in a plain onnxruntime session."""
-    artifact = contract.check(folder)
-    manifest = artifact.manifest
-    ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
-    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
+from conftest import SHIPPED, alone, sentences
 
 
 def classify_all(url: str, requests: list[list[str]], concurrency: int = 64) -> list[list[dict]]:

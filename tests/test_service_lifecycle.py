@@ -182,7 +182,7 @@ def test_a_dying_batcher_task_makes_the_process_exit_3(test_artifact, tmp_path):
         svc.stop(signal.SIGKILL)
     assert code == 3
     log = svc.log.read_text()
-    assert "batcher task batcher died" in log and "service failed: the batcher task died" in log
+    assert "batcher task batcher died" in log and "service failed: a batcher task died" in log
 
 
 @pytest.mark.slow

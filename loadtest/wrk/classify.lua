@@ -1,9 +1,11 @@
--- wrk script for the benchmark harness: POST /classify with bodies read from a file, one JSON line on exit.
---   wrk -t1 -c64 -d10s --latency -s loadtest/wrk/classify.lua http://127.0.0.1:8000 -- bodies.tsv
--- bodies.tsv: one request per line, "<number of sentences>\t<JSON body>"; each thread cycles through them.
--- The line starting "WRK_JSON " is what loadtest/bench.py reads; sentences/s = requests x sent_sentences / sent.
+-- wrk script for the benchmark harness: POST bodies read from a file to one route, one JSON line on exit.
+--   wrk -t1 -c64 -d10s --latency -s loadtest/wrk/classify.lua http://127.0.0.1:8000 -- bodies.tsv /classify
+-- bodies.tsv (loadtest/data.py write_bodies): "<sentences>\t<JSON header length>\t<body in hex>" per line; a header
+-- length above 0 marks an Open Inference Protocol body with binary tensors (Inference-Header-Content-Length).
+-- The line starting "WRK_JSON " is what loadtest/generators.py reads; sentences/s = requests x sent_sentences / sent.
 
-local bodies, counts = {}, {}
+local requests_ = {}
+local counts = {}
 local threads = {}
 local position = 0
 sent, sent_sentences = 0, 0
@@ -13,28 +15,34 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
+local function unhex(text)
+  return (text:gsub("..", function(pair) return string.char(tonumber(pair, 16)) end))
+end
+
 function init(args)
+  local path = args[2] or "/classify"
   for line in io.lines(args[1]) do
-    local count, body = line:match("^(%d+)\t(.+)$")
+    local count, header, body = line:match("^(%d+)\t(%d+)\t(%x+)$")
     if body then
-      table.insert(bodies, body)
+      local headers = {["Content-Type"] = "application/json"}
+      if tonumber(header) > 0 then
+        headers = {["Content-Type"] = "application/octet-stream", ["Inference-Header-Content-Length"] = header}
+      end
+      table.insert(requests_, wrk.format("POST", path, headers, unhex(body)))
       table.insert(counts, tonumber(count))
     end
   end
-  if #bodies == 0 then
+  if #requests_ == 0 then
     error("no request bodies in " .. tostring(args[1]))
   end
-  position = (offset or 0) % #bodies
-  wrk.method = "POST"
-  wrk.path = "/classify"
-  wrk.headers["Content-Type"] = "application/json"
+  position = (offset or 0) % #requests_
 end
 
 function request()
-  position = position % #bodies + 1
+  position = position % #requests_ + 1
   sent = sent + 1
   sent_sentences = sent_sentences + counts[position]
-  return wrk.format(nil, nil, nil, bodies[position])
+  return requests_[position]
 end
 
 function done(summary, latency, requests)

@@ -1,0 +1,197 @@
+"""Version swaps under load: a new version, then a broken one, while clients keep sending; nothing may fail.
+
+    python -m loadtest.swap --old models/banking77/1 --new models/banking77/2 [--seconds 20] [--clients 64]
+
+Two phases, each a fresh ``python -m service`` on a temporary repository holding ``--old`` as version 1 (pinned
+to core 0; this generator on core 1), with ``--clients`` closed-loop clients sending 4-text requests for
+``--seconds``:
+- poll: ``SCS_REPOSITORY_POLL_S=0.5``; at 1/4 of the run ``--new`` is dropped in as version 2 (copied under a
+  hidden name, then renamed into place, as ``model_export`` publishes); at 1/2 a broken version 3 (its
+  model.onnx cut short) is dropped in the same way.
+- load API: the same two drops, each followed by ``POST /v2/repository/models/<name>/load`` (with the API key).
+Bars, per phase: every request answered 200; every answer names one version, and each of its four
+predictions equals that version's own answer (computed in process from the artifact), so no answer mixes
+versions; version 2 serves after its drop and keeps serving after the broken one is refused; the refusal is
+counted. Prints p99 latency overall and in the 3 s around each swap; exits 1 when a bar fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gevent
+import httpx
+import numpy as np
+
+import contract
+
+from .data import metric, percentile, read_sentences, request_bodies, scrape
+from .processes import Parser, Server, free_port, interrupt_on_signals, stop_all
+from .traffic import Traffic
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "swapped"
+KEY = "swap-check-key-0123456789"
+
+
+def expected(folder: Path, bodies: list[tuple[int, bytes]]) -> list[np.ndarray]:
+    """Each body's probabilities from ``folder``'s model, one sentence at a time (no batch to blame)."""
+    artifact = contract.check(folder)
+    manifest = artifact.manifest
+    out = []
+    for _, body, _ in bodies:
+        texts = json.loads(body)["texts"]
+        ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+        out.append(np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids]))
+    return out
+
+
+def publish(source: Path, repository: Path, version: int, broken: bool = False) -> None:
+    """Copy a version in under a hidden name, then rename it into place (readers never see half a folder)."""
+    staging = repository / NAME / f".staging-{version}"
+    shutil.copytree(source, staging)
+    if broken:
+        data = (staging / "model.onnx").read_bytes()
+        (staging / "model.onnx").write_bytes(data[: len(data) // 2])
+    staging.rename(repository / NAME / str(version))
+
+
+def phase(mode: str, args, reference: dict[str, list[np.ndarray]], bodies, log: Path) -> dict:
+    repository = Path(tempfile.mkdtemp(prefix="swap-repo-"))
+    shutil.copytree(args.old, repository / NAME / "1")
+    port = free_port()
+    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_REQUEST_TIMEOUT_S": "10"}
+    if mode == "poll":
+        env["SCS_REPOSITORY_POLL_S"] = "0.5"
+    server = Server(f"service ({mode})", [sys.executable, "-m", "service", "--model-dir", str(repository),
+                                          "--host", "127.0.0.1", "--port", str(port)], port, env)
+    server.start(0, log)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    events: dict[str, float] = {}
+    loads: list[int] = []
+
+    def drop(version: int, broken: bool) -> None:
+        events[f"v{version}"] = time.perf_counter()
+        publish(args.new if not broken else args.old, repository, version, broken)
+        if mode == "api":
+            response = httpx.post(f"{server.url}/v2/repository/models/{NAME}/load", headers=auth, timeout=60)
+            loads.append(response.status_code)
+
+    try:
+        traffic = Traffic(server.url, bodies, connections=args.clients, limit_s=30, keep_answers=True, headers=auth)
+        quarter = args.seconds / 4
+        swaps = [gevent.spawn_later(quarter, gevent.get_hub().threadpool.apply, drop, (2, False)),
+                 gevent.spawn_later(2 * quarter, gevent.get_hub().threadpool.apply, drop, (3, True))]
+        start = time.perf_counter()
+        records = traffic.closed(args.clients, args.seconds)
+        gevent.joinall(swaps, raise_error=True)
+        traffic.close()
+        time.sleep(1.0 if mode == "poll" else 0)
+        samples = scrape(server.url, auth)
+        served = httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).json()["models"][0]
+    finally:
+        server.stop()
+        shutil.rmtree(repository, ignore_errors=True)
+    by_version: dict[str, int] = {}
+    wrong, failed = 0, [r for r in records if r.status != "200"]
+    for record in records:
+        if record.status != "200":
+            continue
+        answer = json.loads(record.body)
+        version = answer["version"]
+        by_version[version] = by_version.get(version, 0) + 1
+        truth, labels = reference.get(version), reference["labels"]
+        if truth is None or len(answer["predictions"]) != truth[record.index].shape[0] or not all(
+                p["label"] == labels[int(truth[record.index][i].argmax())]
+                and abs(p["score"] - float(truth[record.index][i].max())) <= 1e-5
+                for i, p in enumerate(answer["predictions"])):
+            wrong += 1
+    latencies = [r.done - r.due for r in records if r.status == "200"]
+    around = {name: [r.done - r.due for r in records if r.status == "200" and at - 1 <= r.due <= at + 2]
+              for name, at in events.items()}
+    result = {"mode": mode, "requests": len(records), "failed": len(failed),
+              "failed_kinds": sorted({r.status for r in failed}), "answers_by_version": by_version,
+              "answers_not_matching_their_version": wrong, "p99_ms": percentile(latencies, 99) * 1e3,
+              "p99_around_swap_ms": {name: percentile(values, 99) * 1e3 for name, values in around.items()},
+              "load_api_statuses": loads, "load_failures_counted": metric(samples, "scs_model_load_failures_total"),
+              "served_at_end": [v["version"] for v in served["versions"]],
+              "refused_at_end": [v["version"] for v in served["refused"]], "seconds": time.perf_counter() - start}
+    problems = []
+    if failed:
+        problems.append(f"{len(failed)} requests failed ({', '.join(result['failed_kinds'])})")
+    if wrong:
+        problems.append(f"{wrong} answers did not match the version they named")
+    if not by_version.get("2"):
+        problems.append("version 2 never answered")
+    if result["served_at_end"] != ["2"] or result["refused_at_end"] != ["3"]:
+        problems.append(f"at the end served {result['served_at_end']}, refused {result['refused_at_end']} "
+                        "(expected version 2 serving, 3 refused)")
+    if result["load_failures_counted"] < 1:
+        problems.append("the broken version was not counted in scs_model_load_failures_total")
+    if mode == "api" and loads != [200, 400]:
+        problems.append(f"load API answered {loads} (expected 200 for the new version, 400 for the broken one)")
+    result["problems"] = problems
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m loadtest.swap", description=__doc__.splitlines()[0])
+    parser.add_argument("--old", type=Path, required=True, help="the version folder served first")
+    parser.add_argument("--new", type=Path, required=True, help="the version folder dropped in (other weights)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "banking77" / "test.csv")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--phases", default="poll,api", help="comma-separated: poll, api")
+    parser.add_argument("--log", type=Path, help="server log (default: a temporary file)")
+    args = parser.parse_args(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not phases or set(phases) - {"poll", "api"}:
+        parser.error(f"--phases: choose from poll, api (got {args.phases!r})")
+    if args.seconds < 4 or args.clients < 1:
+        parser.error("--seconds must be >= 4 and --clients >= 1")
+    try:
+        old, new = contract.read(args.old), contract.read(args.new)
+        sentences = read_sentences(args.data)
+    except (contract.ArtifactError, ValueError) as error:
+        parser.error(str(error))
+    if old.labels != new.labels:
+        parser.error("--old and --new must have the same labels (versions of one model)")
+    interrupt_on_signals()
+    try:
+        os.sched_setaffinity(0, {1})
+    except (AttributeError, OSError):
+        pass
+    bodies = request_bodies(sentences, texts=4, count=200)
+    reference = {"1": expected(args.old, bodies), "2": expected(args.new, bodies), "labels": old.labels}
+    log = args.log or Path(tempfile.mkdtemp(prefix="swap-")) / "service.log"
+    results = []
+    try:
+        for mode in phases:
+            result = phase(mode, args, reference, bodies, log)
+            results.append(result)
+            print(f"{mode}: {result['requests']:,} requests, {result['failed']} failed, answers by version "
+                  f"{result['answers_by_version']}, p99 {result['p99_ms']:.1f} ms, around the swaps "
+                  + ", ".join(f"{k}: {v:.1f} ms" for k, v in result["p99_around_swap_ms"].items())
+                  + (": PASS" if not result["problems"] else ": FAIL"), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process started", file=sys.stderr)
+        return 130
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+    print(json.dumps({"seconds": args.seconds, "clients": args.clients, "results": results}))
+    problems = [f"{r['mode']}: {p}" for r in results for p in r["problems"]]
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
