@@ -26,15 +26,14 @@ def sentences_per_second(artifact: contract.Artifact, texts: Sequence[str], size
                          seconds: float, tokenize: bool) -> float:
     """Run batches for about ``seconds``; with ``tokenize``, each run encodes its texts first (as a server must)."""
     manifest = artifact.manifest
-    ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+    ids = artifact.encoder.encode(texts)[0]
     batches = batches_of(texts, [len(s) for s in ids], size, grouped)
     session, names = artifact.session, [contract.PROBABILITIES]
     done, position, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         batch = batches[position % len(batches)]
         if tokenize:
-            sequences = contract.encode(artifact.tokenizer, [texts[i] for i in batch], manifest.max_length,
-                                        manifest.unk_id)[0]
+            sequences = artifact.encoder.encode([texts[i] for i in batch])[0]
         else:
             sequences = [ids[i] for i in batch]
         session.run(names, contract.inputs(sequences, manifest.pad_id))

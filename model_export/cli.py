@@ -173,7 +173,7 @@ def _encode(artifact, texts: list[str]) -> list[list[int]]:
     import contract
 
     manifest = artifact.manifest
-    return contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+    return artifact.encoder.encode(texts)[0]
 
 
 def command_check(args) -> None:

@@ -43,8 +43,8 @@ class Fitted:
         return self.tokenizer.token_to_id(PAD)
 
     def ids(self, texts: list[str], max_length: int) -> list[list[int]]:
-        """``contract.encode`` with this tokenizer: what the model is trained and checked on."""
-        return contract.encode(self.tokenizer, texts, max_length, self.tokenizer.token_to_id(UNK))[0]
+        """``contract.Encoder`` with this tokenizer: what the model is trained and checked on."""
+        return contract.Encoder(self.tokenizer, max_length, self.tokenizer.token_to_id(UNK)).encode(texts)[0]
 
 
 def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=print) -> Fitted:
@@ -56,10 +56,9 @@ def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=
     tokenizer = fit_tokenizer(fit.texts, config.vocab_size)
     log(f"data: {len(fit)} train, {len(validation)} validation, {len(dataset.test)} test rows, {len(labels)} classes; "
         f"vocabulary {tokenizer.get_vocab_size()}; skipped {dataset.skipped_empty} empty text(s)")
-    unk_id = tokenizer.token_to_id(UNK)
-    result = train(config, contract.encode(tokenizer, fit.texts, config.max_length, unk_id)[0],
-                   [index[label] for label in fit.labels],
-                   contract.encode(tokenizer, validation.texts, config.max_length, unk_id)[0],
+    encoder = contract.Encoder(tokenizer, config.max_length, tokenizer.token_to_id(UNK))
+    result = train(config, encoder.encode(fit.texts)[0], [index[label] for label in fit.labels],
+                   encoder.encode(validation.texts)[0],
                    [index[label] for label in validation.labels], tokenizer.get_vocab_size(), len(labels),
                    tokenizer.token_to_id(PAD), progress=progress)
     log(f"trained in {result.seconds:.0f}s; kept epoch {result.best_epoch} (validation accuracy "

@@ -1,4 +1,4 @@
-"""Fit a tokenizer on the training texts; the service loads the same ``tokenizer.json`` (``contract.encode`` turns
+"""Fit a tokenizer on the training texts; the service loads the same ``tokenizer.json`` (``contract.Encoder`` turns
 texts into ids on both sides)."""
 
 from __future__ import annotations

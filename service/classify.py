@@ -14,7 +14,7 @@ import logging
 import orjson
 from pydantic import ValidationError
 
-from .asgi import ClientGone, cancelled_if_client_leaves, read_body, respond
+from .asgi import ClientGone, cancel_if_client_leaves, read_body, respond
 from .engine import Classification
 from .errors import ServiceError, internal_error, new_error_id
 from .logs import request_id
@@ -61,8 +61,11 @@ class ClassifyRoute:
         classes = len(engine.labels)
         if request.top_k is not None and request.top_k > classes:
             raise top_k_out_of_range(classes)
-        with cancelled_if_client_leaves(scope, receive):
+        stop_watching = cancel_if_client_leaves(scope, receive)
+        try:
             result = await engine.classify(texts, request_id.get())
+        finally:
+            stop_watching()
         return orjson.dumps(render(result, min(request.top_k or self.default_top_k, classes)))
 
 

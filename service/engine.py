@@ -16,8 +16,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import contract
-
 from .batcher import Batcher, BatchLimits
 from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
@@ -47,8 +45,7 @@ class Engine:
                                                                lambda: self.queue_depth) if metrics else None)
         self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor)
         self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
-        self._tokenizer = artifact.tokenizer
-        self._max_length, self._unk_id = self.manifest.max_length, self.manifest.unk_id
+        self._encode = artifact.encoder.encode
 
     @property
     def provider(self) -> str:
@@ -69,7 +66,7 @@ class Engine:
         """Every text's scores, in order, within ``timeout_s`` (at most the server's). Raises ``QueueFull``,
         ``NotReady`` (closing), ``DeadlineExceeded`` or ``BatchFailed`` (all ``ServiceError``); cancelling the
         caller drops what is still queued."""
-        ids, truncated = contract.encode(self._tokenizer, texts, self._max_length, self._unk_id)
+        ids, truncated = self._encode(texts)
         job = self.batcher.submit(ids, request_id, timeout_s)
         scores = await job.future
         return Classification(self.name, self.version, self.labels, scores, truncated)

@@ -91,7 +91,7 @@ class Repository:
                 raise ArtifactError(f"{settings.model_dir}: SCS_MODELS names {', '.join(missing)}, which the "
                                     f"repository does not hold (it has {', '.join(self.models)})")
             self.models = {name: self.models[name] for name in wanted}
-        self.engines: dict[str, dict[int, Engine]] = {}  # the routing table: what takes traffic
+        self.engines = {}  # the routing table (model -> version -> engine): what takes traffic
         self.refused: dict[tuple[str, int], Refused] = {}
         self.unloaded: set[str] = set()  # unloaded through the API: the poll leaves them alone until loaded again
         self.retiring: set[asyncio.Task] = set()
@@ -131,7 +131,20 @@ class Repository:
     @property
     def default_model(self) -> str:
         """``SCS_DEFAULT_MODEL``, else the first served model by name."""
-        return self.settings.default_model or min(self.engines or self.models)
+        return self.settings.default_model or self._first
+
+    @property
+    def engines(self) -> dict[str, dict[int, Engine]]:
+        return self._engines
+
+    @engines.setter
+    def engines(self, table: dict[str, dict[int, Engine]]) -> None:
+        self._engines = table
+        self.changed()
+
+    def changed(self) -> None:
+        """The routing table changed: what a request without a model gets (computed here, not per request)."""
+        self._first = min(self._engines or self.models)
 
     # --- loading -----------------------------------------------------------------------------------------------
 
@@ -172,6 +185,7 @@ class Repository:
             if self.settings.models and not self.engines.get(name):
                 raise ArtifactError(f"{self.models[name]}: SCS_MODELS names {name!r}, but none of its versions "
                                     f"{self.wanted(name) or '(none)'} loads")
+        self.changed()
         if not any(self.engines.values()):
             reasons = "; ".join(r.reason for r in self.refused.values()) or "no version folder chosen by the policy"
             raise ArtifactError(f"{self.settings.model_dir}: no model could be loaded ({reasons})")
@@ -230,6 +244,7 @@ class Repository:
                         continue
                     self.refused.pop((name, version), None)
                     self.engines.setdefault(name, {})[version] = engine
+                    self.changed()
                     changes["loaded"].append({"model": name, "version": version})
                     log.info("serving model version", extra={"fields": {"model": name, "version": version,
                                                                         "memory_bytes": engine.memory_bytes}})
@@ -258,6 +273,7 @@ class Repository:
         engine = self.engines[name].pop(version)
         if not self.engines[name]:
             del self.engines[name]
+        self.changed()
         task = asyncio.get_running_loop().create_task(self._release(engine), name=f"retire-{name}-{version}")
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)

@@ -26,7 +26,7 @@ import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .asgi import ClientGone, cancelled_if_client_leaves, read_body, respond
+from .asgi import ClientGone, cancel_if_client_leaves, read_body, respond
 from .engine import Classification, Engine
 from .errors import ServiceError, new_error_id
 from .logs import request_id
@@ -210,8 +210,11 @@ class InferRoute:
         # From here to the queue nothing awaits: the version routed to cannot leave the table in between.
         engine = self.state.repository.route(model, version)
         wanted = self._outputs(request, len(engine.labels))
-        with cancelled_if_client_leaves(scope, receive):
+        stop_watching = cancel_if_client_leaves(scope, receive)
+        try:
             result = await engine.classify(texts, request_id.get(), timeout_s)
+        finally:
+            stop_watching()
         return self._render(request, result, wanted)
 
     def _split(self, scope, raw: bytes) -> tuple[dict, bytes]:

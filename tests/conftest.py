@@ -42,7 +42,7 @@ def alone(folder: Path, texts: list[str]) -> np.ndarray:
     """Reference: each sentence run by itself (batch of one, no padding) in a plain onnxruntime session."""
     artifact = contract.check(folder)
     manifest = artifact.manifest
-    ids = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)[0]
+    ids = artifact.encoder.encode(texts)[0]
     return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
 
 

@@ -25,7 +25,7 @@ def test_encode_and_pad_are_what_the_model_reads(test_artifact):
     artifact = contract.check(test_artifact)
     manifest = artifact.manifest
     texts = ["Where is my card?", "", "   ", "card " * 100, "💳 我的卡", "\u200b"]
-    ids, truncated = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)
+    ids, truncated = artifact.encoder.encode(texts)
     assert truncated == [False, False, False, True, False, False]
     assert len(ids[3]) == manifest.max_length
     assert ids[1] == ids[2] == ids[5] == [manifest.unk_id]  # nothing to tokenize: one unknown token
@@ -35,6 +35,39 @@ def test_encode_and_pad_are_what_the_model_reads(test_artifact):
     assert feed[contract.INPUT_IDS].dtype == np.int64 and feed[contract.INPUT_IDS].shape == (6, manifest.max_length)
     assert feed[contract.LENGTHS].tolist() == [len(s) for s in ids]
     assert (feed[contract.INPUT_IDS][0, len(ids[0]):] == manifest.pad_id).all()  # right-padded with pad_id
+
+
+def test_the_ascii_shortcut_gives_exactly_the_full_tokenizers_ids(test_artifact):
+    """Plain ASCII skips the BERT normalizer (lower-cased in Python instead): the ids must not change, on every
+    Banking77 sentence (train and test), on mixed batches, and on generated text (hypothesis)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from conftest import ROOT
+    from loadtest.data import read_sentences
+
+    for folder in (test_artifact, ROOT / "models" / "banking77" / "1"):
+        artifact = contract.read(folder)
+        encoder, tokenizer = artifact.encoder, artifact.tokenizer
+        assert encoder._plain is not None  # the shortcut is in use for this tokenizer
+
+        def full(texts):
+            return [e.ids[: encoder.max_length] or [encoder.unk_id]
+                    for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+        texts = [row for split in ("train", "test") for row in read_sentences(ROOT / "data" / "banking77" /
+                                                                              f"{split}.csv")]
+        assert encoder.encode(texts)[0] == full(texts)
+        mixed = ["Café au lait", "plain TEXT, with: punctuation!", "naïve", "x\ty\nz", "ÅNGSTRÖM card", "a\x0bb"]
+        assert encoder.encode(mixed)[0] == full(mixed)
+
+        @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+        @given(st.lists(st.text(st.characters(min_codepoint=0, max_codepoint=0x17F), max_size=40), min_size=1,
+                        max_size=6))
+        def same(batch):
+            assert encoder.encode(batch)[0] == full(batch)
+
+        same()
 
 
 def test_check_opens_the_graph_and_proves_its_signature(test_artifact):

@@ -26,7 +26,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return contract.encode(tokenizer, texts, max_length, tokenizer.token_to_id("[UNK]"))[0]
+    return contract.Encoder(tokenizer, max_length, tokenizer.token_to_id("[UNK]")).encode(texts)[0]
 
 
 def write(path: Path, text: str | bytes) -> Path:

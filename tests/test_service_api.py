@@ -259,7 +259,7 @@ def test_failing_model_run_answers_500_with_error_id_and_service_stays_up(test_a
 
     runtime = load_runtime(test_artifact)
     manifest = runtime.artifact.manifest
-    [[poison]] = contract.encode(runtime.artifact.tokenizer, ["refund"], manifest.max_length, manifest.unk_id)[0]
+    [[poison]] = runtime.artifact.encoder.encode(["refund"])[0]
     real_run = runtime.run
 
     def failing_run(sequences):

@@ -24,7 +24,7 @@ STATE: dict = {}
 def classify(request: ClassifyRequest) -> dict:
     artifact: contract.Artifact = STATE["artifact"]
     manifest, texts = artifact.manifest, request.all_texts()
-    ids, truncated = contract.encode(artifact.tokenizer, texts, manifest.max_length, manifest.unk_id)
+    ids, truncated = artifact.encoder.encode(texts)
     probabilities = artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, manifest.pad_id))[0].tolist()
     top_k = request.top_k or STATE["top_k"]
     return {"model": f"naive-{manifest.name}", "version": manifest.version,
