@@ -40,7 +40,8 @@ from .data import metric, read_sentences, request_bodies, scrape, write_bodies
 from .processes import Parser, Server, TASKSET, core_busy_seconds, free_port, interrupt_on_signals, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu"}
+SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_WORKERS": "1"}
+ALL_CORES = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ class Config:
     cwd: Path | None = None
     protocol: str = "classify"  # "v2": Open Inference Protocol requests, binary tensors, to path
     path: str = "/classify"
+    cores: str | None = None  # pinned to these cores instead of the server core
 
 
-KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "reference")
+KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference")
 DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2")
 
 def configs(model_dir: Path, port_of, reference: Path | None = None) -> dict[str, Config]:
@@ -81,6 +83,9 @@ def configs(model_dir: Path, port_of, reference: Path | None = None) -> dict[str
         "v2": Config("v2", "service, batching on, V2 infer with binary tensors",
                      [python, "-m", "service", *model, *where("v2")], SERVER_ENV, service=True, protocol="v2",
                      path=f"/v2/models/{model_name(model_dir)}/infer"),
+        "cores": Config("cores", f"service, one worker per core ({ALL_CORES})",
+                        [python, "-m", "service", *model, *where("cores")],
+                        SERVER_ENV | {"SCS_WORKERS": str(len(ALL_CORES.split(",")))}, service=True, cores=ALL_CORES),
         "reference": Config("reference", f"service, batching on, from {reference}",
                             [python, "-m", "service", *model, *where("reference")], SERVER_ENV, service=True,
                             cwd=reference),
@@ -128,7 +133,7 @@ def measure(server: Server, config: Config, level: int, args, mode: str = "close
 
 
 def _measure_once(server: Server, config: Config, level: float, args, mode: str) -> dict:
-    watched = args.server_core if args.pinned else None
+    watched = args.server_core if args.pinned and not config.cores else None
     samples = scrape(server.url) if config.service else {}
     threads = server.thread_cpu_seconds()
     cpu, core, started = server.cpu_seconds(), core_busy_seconds(watched), time.monotonic()
@@ -187,7 +192,7 @@ def run(args, run_data: dict, log_dir: Path) -> None:
                                                      + ["python", *shown]).replace(str(ROOT) + "/", "")
         say(f"{config.name}: starting `{' '.join(config.argv[1:])}`")
         try:
-            server.start(args.server_core, log_dir / f"{config.name}.log")
+            server.start(config.cores or args.server_core, log_dir / f"{config.name}.log")
         except RuntimeError as error:
             run_data["skipped"][config.name] = str(error)[:300]
             say(f"{config.name}: not measured: {error}")
@@ -366,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         parser.error(f"--out {args.out}: cannot write there ({error.strerror})")
     args.bodies_paths = {protocol: log_dir / f"bodies-{protocol}.tsv" for protocol in ("classify", "v2")}
+    count = max(250, 4000 // args.texts)  # about 4,000 sentences: wrk decodes them all at start-up, on its core
     for protocol, path in args.bodies_paths.items():
         args.mean_sentences = write_bodies(request_bodies(args.sentences, args.texts, args.multi_percent,
-                                                          args.multi_max, protocol=protocol), path)
+                                                          args.multi_max, count, protocol=protocol), path)
     run_data = {"configs": args.configs, "names": {}, "raw_points": [], "points": [], "skipped": {}, "commands": {}}
     args.pinned = TASKSET is not None and (os.cpu_count() or 1) > max(args.server_core, args.load_core)
     if not args.pinned:

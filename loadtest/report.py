@@ -80,6 +80,12 @@ def bars(run: dict) -> list[dict]:
         share = v2["rps"] / on["rps"]
         bar("c=64: V2 (binary) within 15% of /classify", f"{share:.2f}x ({v2['rps']:,.0f} / {on['rps']:,.0f} req/s)",
             share >= 0.85)
+    one, every = peak(points, "on"), peak(points, "cores")
+    if one and every:
+        scale = every["sentences_per_s"] / one["sentences_per_s"]
+        bar("one worker per core >= 1.8x one worker on one core (sentences/s at peak; meant for 64-text requests)",
+            f"{scale:.2f}x ({every['sentences_per_s']:,.0f} / {one['sentences_per_s']:,.0f}; "
+            f"{run['meta'].get('mix', '')})", scale >= 1.8)
     errors = sum(p["errors"] for p in points)
     bar("no errors in any point", f"{errors} errors", errors == 0)
     return rows
@@ -162,8 +168,8 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
 
 
 def _ratios(points: list[dict], levels: list[int]) -> list[str]:
-    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("on", "fastapi"), ("on", "raw"),
-             ("on", "reference")]
+    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("cores", "on"), ("on", "fastapi"),
+             ("on", "raw"), ("on", "reference")]
     pairs = [(a, b) for a, b in pairs if closed(points, a) and closed(points, b)]
     if not pairs:
         return ["(no two configurations measured)"]

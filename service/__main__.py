@@ -28,6 +28,7 @@ from .app import App, create_app
 from .protocol import http_protocol
 from .settings import Settings
 from .state import ServiceState
+from .workers import cpus_allowed, supervise
 
 log = logging.getLogger("service")
 FAILED = 3
@@ -114,6 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime execution provider")
     parser.add_argument("--max-batch-size", type=int, help="sentences per model run (1: batching off)")
+    parser.add_argument("--workers", type=int, help="server processes (default: the CPUs this process may use)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -128,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid settings: {problems}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    workers = settings.workers or cpus_allowed()
+    if workers > 1:
+        return supervise(settings, workers)
+    return serve(settings)
+
+
+def serve(settings: Settings, sockets: list | None = None, worker: int | None = None) -> int:
+    """One server process: load and check the models, serve until stopped; its exit code."""
+    if worker is not None:
+        logs.configure(settings.log_level, settings.log_format, worker=worker)
     try:
         app = create_app(settings)
     except ArtifactError as error:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: refusing to start: {error}", file=sys.stderr)
         return 2
     server = Server(uvicorn_config(app, settings), app.state)
-    server.run()
+    server.run(sockets=sockets)
     if not server.started:
         return 1  # uvicorn logged why (port in use, address not available)
     if app.state.unfinished:  # a model run outlived the deadline: do not wait for its thread at interpreter exit

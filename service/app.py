@@ -42,7 +42,7 @@ class App:
         self.routes = secure(self._route, state.settings)
         self.access_log = logging.getLogger("service.access") if state.settings.access_log else None
         self.in_flight = 0
-        state.metrics.bind_in_flight(lambda: self.in_flight)
+        state.metrics.bind(state.metrics.in_flight, lambda: self.in_flight)
         self._tasks: list[asyncio.Task] = []
 
     async def __call__(self, scope, receive, send) -> None:
@@ -116,9 +116,16 @@ class App:
         for engine in self.state.repository.all_engines():
             engine.start(self.state.repository.on_failure)
         self._tasks.append(loop.create_task(self._warm_up(), name="warm-up"))
+        if self.state.metrics.multiprocess:
+            self._tasks.append(loop.create_task(self._refresh_gauges(), name="gauges"))
         if self.state.settings.repository_poll_s > 0:
             self._tasks.append(loop.create_task(self.state.repository.poll(self.state.settings.repository_poll_s),
                                                 name="repository-poll"))
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self.state.metrics.refresh()
+            await asyncio.sleep(0.5)
 
     async def _warm_up(self) -> None:
         state = self.state

@@ -43,10 +43,13 @@ class TextFormatter(logging.Formatter):
         return line + "".join(f" {key}={value}" for key, value in extra.items())
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    """Route every logger (uvicorn's too) through one stderr handler."""
+def configure(level: str = "info", fmt: str = "json", worker: int | None = None) -> None:
+    """Route every logger (uvicorn's too) through one stderr handler; a worker's lines name it."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(lambda record: setattr(record, "fields", {"worker": worker} | (getattr(record, "fields", None)
+                                                                                        or {})) or True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -2,13 +2,20 @@
 
 Model-side series carry ``model`` and ``version`` labels. Each engine gets a ``ModelMetrics`` with its label
 children bound once, so the hot path does no label lookups; unloading a version removes its series.
+
+With several workers (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor) values live in prometheus-client's
+shared files and ``/metrics`` sums every worker's; the gauges read from a function at scrape time in one process
+are then refreshed twice a second instead (``refresh``), and a retired version's gauges drop to 0 (the client
+cannot remove series in that mode).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -21,11 +28,18 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # the *_created series only add noise to every scrape
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.exposition = r  # what /metrics renders
+        if self.multiprocess:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition)
+        self._functions: list[tuple[Gauge, Callable[[], float]]] = []
         self.requests = Counter("scs_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.latency = Histogram("scs_request_duration_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("scs_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.in_flight = Gauge("scs_requests_in_flight", "HTTP requests being handled", registry=r,
+                               multiprocess_mode="livesum")
         self.rejections = Counter("scs_rejections_total", "requests refused or dropped, by reason (model and version "
                                   "empty when refused before one was chosen)", ["reason", *MODEL], registry=r)
         self.queue_wait = Histogram("scs_queue_wait_seconds", "time a sentence waited in the queue before its run",
@@ -40,19 +54,31 @@ class Metrics:
         self.padded_tokens = Counter("scs_padded_tokens", "padded tokens run through the model", MODEL, registry=r)
         self.run_time = Histogram("scs_model_run_seconds", "model run time per batch (worker thread)", MODEL,
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("scs_queue_depth", "sentences waiting in the batch queue", MODEL, registry=r)
+        self.queue_depth = Gauge("scs_queue_depth", "sentences waiting in the batch queue", MODEL, registry=r,
+                                 multiprocess_mode="livesum")
         self.model_info = Gauge("scs_model_info", "a model version being served, and its provider",
-                                ["name", "version", "provider"], registry=r)
-        self.model_memory = Gauge("scs_model_memory_bytes", "resident memory the process grew by while loading "
-                                  "this version (approximate)", MODEL, registry=r)
+                                ["name", "version", "provider"], registry=r, multiprocess_mode="livemax")
+        self.model_memory = Gauge("scs_model_memory_bytes", "resident memory the processes grew by while loading "
+                                  "this version (approximate)", MODEL, registry=r, multiprocess_mode="livesum")
         self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
                                      MODEL, registry=r)
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._reject_children: dict[tuple[str, str, str], Counter] = {}
 
-    def bind_in_flight(self, in_flight: Callable[[], float]) -> None:
-        """Read at scrape time: no cost on the hot path."""
-        self.in_flight.set_function(in_flight)
+    def bind(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """``gauge`` shows ``read()``: at scrape time (no cost on the hot path), or, with several workers, as of
+        the last ``refresh``."""
+        if self.multiprocess:
+            self._functions.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def unbind(self, gauge: Gauge) -> None:
+        self._functions = [(g, read) for g, read in self._functions if g is not gauge]
+
+    def refresh(self) -> None:
+        for gauge, read in self._functions:
+            gauge.set(read())
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, status)
@@ -72,7 +98,7 @@ class Metrics:
 
     def for_model(self, model: str, version: str, provider: str, queue_depth: Callable[[], float]) -> ModelMetrics:
         self.model_info.labels(model, version, provider).set(1)
-        self.queue_depth.labels(model, version).set_function(queue_depth)
+        self.bind(self.queue_depth.labels(model, version), queue_depth)
         return ModelMetrics(self, model, version, provider)
 
 
@@ -113,6 +139,12 @@ class ModelMetrics:
     def remove(self) -> None:
         """The version is unloaded: its series go (a scrape must not show a model that is not served)."""
         m, labels = self.metrics, (self.model, self.version)
+        if m.multiprocess:  # series cannot be removed there: the gauges drop to 0, the counters keep their totals
+            m.unbind(m.queue_depth.labels(*labels))
+            for gauge in (m.queue_depth.labels(*labels), m.model_memory.labels(*labels),
+                          m.model_info.labels(self.model, self.version, self.provider)):
+                gauge.set(0)
+            return
         for family in (m.queue_wait, m.batch_size, m.batch_tokens, m.padding_ratio, m.real_tokens, m.padded_tokens,
                        m.run_time, m.queue_depth, m.model_memory):
             try:

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1, description="classes listed per prediction when the request has no top_k")
 
     # Server
+    workers: int = Field(0, ge=0, le=256, description="server processes sharing the port, each a whole service with "
+                         "its own model thread (0: the CPUs this process may use: affinity and cgroup quota)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

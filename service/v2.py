@@ -423,6 +423,7 @@ def add_routes(api, state: ServiceState) -> None:
 
     errors = {code: {"model": V2Error, "description": text} for code, text in (
         (400, "a bad request"), (403, "repository control is off"), (404, "no such model or version served"),
+        (409, "several workers: use polling"),
         (503, "not ready"))}
 
     @api.get("/v2", summary="V2: server metadata", tags=["v2"], response_model=ServerMetadata)
@@ -473,6 +474,9 @@ def add_routes(api, state: ServiceState) -> None:
 
     def control_allowed() -> ServiceError | None:
         settings = state.settings
+        if state.metrics.multiprocess:  # each worker has its own repository: one request would change one of them
+            return ServiceError(409, "conflict", "with several workers (SCS_WORKERS) the repository is changed on "
+                                "disk and picked up by SCS_REPOSITORY_POLL_S; run one worker to use this API")
         if settings.api_key is None and not settings.allow_repository_control:
             return ServiceError(403, "forbidden", "repository control is off: set SCS_API_KEY (then it needs the key) "
                                 "or SCS_ALLOW_REPOSITORY_CONTROL=true")
@@ -491,7 +495,7 @@ def add_routes(api, state: ServiceState) -> None:
         return answer(rows)  # type: ignore[arg-type]
 
     @api.post("/v2/repository/models/{model_name}/load", tags=["v2"], response_model=RepositoryChange,
-              responses={c: errors[c] for c in (400, 403, 404)},
+              responses={c: errors[c] for c in (400, 403, 404, 409)},
               summary="V2 repository extension: load (or reload) a model's versions as its policy chooses")
     async def load(model_name: str) -> Response:
         refused = control_allowed()
@@ -508,7 +512,7 @@ def add_routes(api, state: ServiceState) -> None:
         return answer(changes)
 
     @api.post("/v2/repository/models/{model_name}/unload", tags=["v2"], response_model=RepositoryChange,
-              responses={c: errors[c] for c in (403, 404)},
+              responses={c: errors[c] for c in (403, 404, 409)},
               summary="V2 repository extension: stop serving every version of a model (queued work finishes)")
     async def unload(model_name: str) -> Response:
         refused = control_allowed()

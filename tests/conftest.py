@@ -187,6 +187,7 @@ def start_service(model_dir: Path, log: Path, ready_timeout: float = 60, argv: l
     """``python -m service`` on a free 127.0.0.1 port with ``SCS_<KEY>`` settings; returns once /readyz is 200.
     ``argv`` replaces ``-m service`` (for a real server started with a fault injected first)."""
     port = free_port()
+    env = {"WORKERS": 1} | env  # one process unless a test asks for more (the default follows the CPUs)
     environment = os.environ | {f"SCS_{k.upper()}": str(v) for k, v in env.items()} | {"PYTHONUNBUFFERED": "1"}
     handle = log.open("wb")
     command = [sys.executable, *(argv or ["-m", "service"]), "--model-dir", str(model_dir), "--host", "127.0.0.1",

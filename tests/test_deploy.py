@@ -44,6 +44,16 @@ def env_values(entries: list[dict]) -> dict[str, str]:
     return {item["name"]: item.get("value") for item in entries}
 
 
+def test_workers_follow_the_cpu_limit() -> None:
+    for spec in (container(), kserve_container()):
+        (workers,) = [item for item in spec["env"] if item["name"] == "SCS_WORKERS"]
+        assert workers["valueFrom"]["resourceFieldRef"] == {"containerName": spec["name"], "resource": "limits.cpu",
+                                                             "divisor": "1"}
+        assert env_values(spec["env"])["SCS_INTRA_OP_THREADS"] == "1"
+    service = compose_config("docker-compose.yml")["classifier"]
+    assert float(service["environment"]["SCS_WORKERS"]) == float(service["deploy"]["resources"]["limits"]["cpus"])
+
+
 def test_kustomization_lists_every_manifest() -> None:
     on_disk = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert sorted(resources()) == sorted(on_disk)
