@@ -59,7 +59,7 @@ def request_bodies(sentences: Sequence[str], texts: int = 1, multi_percent: int 
 def v2_binary(texts: Sequence[str]) -> tuple[bytes, int]:
     """A V2 infer body with the binary tensor data extension: (body, length of its JSON header)."""
     data = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
-    header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts)],
+    header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts), 1],
                                      "parameters": {"binary_data_size": len(data)}}],
                          "parameters": {"binary_data_output": True}}).encode()
     return header + data, len(header)

@@ -181,8 +181,12 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s: {_tail(log)}")
 
     def _tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.process.pid)
-        return [root, *root.children(recursive=True)]
+        """The server's process and everything it started ([] once it is gone)."""
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except (psutil.Error, AttributeError):
+            return []
 
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server and its children (user + system), from /proc."""
@@ -210,8 +214,25 @@ class Server:
             pass
         return split
 
+    def pause(self) -> None:
+        """Freeze the server and every process it started (SIGSTOP): an idle server must not take CPU from the one
+        being measured (some frameworks poll their queues while idle; Triton's processes leave its group)."""
+        for proc in self._tree():
+            try:
+                proc.suspend()
+            except psutil.Error:
+                pass
+
+    def resume(self) -> None:
+        for proc in self._tree():
+            try:
+                proc.resume()
+            except psutil.Error:
+                pass
+
     def stop(self) -> None:
         if self.process is not None:
+            self.resume()
             stop(self.process)
 
 

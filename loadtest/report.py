@@ -80,6 +80,19 @@ def bars(run: dict) -> list[dict]:
         share = v2["rps"] / on["rps"]
         bar("c=64: V2 (binary) within 15% of /classify", f"{share:.2f}x ({v2['rps']:,.0f} / {on['rps']:,.0f} req/s)",
             share >= 0.85)
+    peers = [name for name in run.get("peers", []) if closed(points, name)]
+    if peers:
+        ratios = []
+        for level in levels:
+            mine, theirs = at(points, "on", level), [at(points, name, level) for name in peers]
+            theirs = [p for p in theirs if p]
+            if mine and theirs:
+                best = max(theirs, key=lambda p: p["rps"])
+                ratios.append((level, mine["rps"] / best["rps"], best["config"]))
+        if ratios:
+            bar("on >= 3x the best peer at every c >= 8, >= 1.5x at c=1",
+                ", ".join(f"c={level}: {ratio:.2f}x {name}" for level, ratio, name in ratios),
+                all(ratio >= (1.5 if level < 8 else 3.0) for level, ratio, _ in ratios))
     one, every = peak(points, "on"), peak(points, "cores")
     if one and every:
         scale = every["sentences_per_s"] / one["sentences_per_s"]

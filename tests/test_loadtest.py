@@ -96,6 +96,19 @@ def test_a_complete_tiny_run_writes_bars_tables_plot_and_section(tmp_path: Path)
     assert matplotlib.image.imread(tmp_path / "out" / "bench.png").shape == image.shape
 
 
+@pytest.mark.slow
+def test_the_peers_run_in_their_own_virtualenvs_and_answer_like_the_model(tmp_path: Path) -> None:
+    """--peers: LitServe and PyTriton, each in a virtualenv the harness makes, checked against a direct run."""
+    result = bench("--configs", "on", "--peers", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
+                   "--no-open", "--no-ceiling", "--out", str(tmp_path), "--benchmarks", "none", timeout=1800)
+    run = json.loads((tmp_path / "bench.json").read_text())
+    assert not run["skipped"], run["skipped"]  # both started, and both answered like the model itself
+    assert sorted(p["config"] for p in run["points"]) == ["litserve", "on", "pytriton"]
+    assert all(p["errors"] == 0 and p["rps"] > 0 for p in run["points"])
+    assert any(bar["bar"].startswith("on >= 3x the best peer") for bar in run["bars"])
+    assert result.returncode in (0, 1) and not leftovers(str(tmp_path))
+
+
 def test_a_partial_run_leaves_benchmarks_md_alone(tmp_path: Path) -> None:
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("untouched\n")
