@@ -127,7 +127,8 @@ def test_version_folders(artifact_copy):
 def test_the_contract_is_defined_once():
     """The tensor names, the file list and encode/pad live in contract.py alone (tests aside)."""
     sources = [p for folder in ("service", "model_export", "loadtest", "scripts") for p in (ROOT / folder).rglob("*.py")]
-    for needle in ('"input_ids"', '"lengths"', '["probabilities"]', '"tensor(int64)"', '"tokenizer.json", "labels.json"',
+    for needle in ('"input_ids"', '"lengths"', '(["probabilities"]', '=["probabilities"]', '"tensor(int64)"',
+                   '"tokenizer.json", "labels.json"',
                    "def encode(", "def pad(", "encode_batch", "def sha256("):
         found = [str(p.relative_to(ROOT)) for p in sources if needle in p.read_text(encoding="utf-8")]
         assert not found, f"{needle} is defined again in {found}"

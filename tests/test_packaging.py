@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from loadtest.peers import PEERS
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
@@ -26,9 +27,14 @@ USES = {"serve": ["contract.py", "service"], "export": ["contract.py", "model_ex
         "locust": ["loadtest/locustfile.py"], "dev": ["tests", "scripts"]}
 
 
+PEER_SCRIPTS = {peer.script for peer in PEERS.values()}  # they run in their own virtualenvs, not in an extra
+PEER_DISTRIBUTIONS = {"pytriton": "nvidia-pytriton"}  # import name -> distribution, where the two differ
+
+
 def sources(names: list[str]) -> list[Path]:
     paths = [ROOT / name for name in names]
-    return [p for path in paths for p in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
+    found = [p for path in paths for p in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
+    return [p for p in found if p not in PEER_SCRIPTS]
 
 
 def imported(paths: list[Path]) -> set[str]:
@@ -67,6 +73,15 @@ def test_every_imported_module_is_declared_in_its_extra(extra):
     missing = {module: providers.get(module) for module in imported(sources(USES[extra]))
                if not {_normal(d) for d in providers.get(module, [module])} & wanted}
     assert not missing, f"imported but not declared in the {extra!r} extra: {missing}"
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_every_module_a_peer_imports_is_in_its_virtualenv_requirements(name):
+    peer = PEERS[name]
+    wanted = {_normal(re.match(r"[A-Za-z0-9_.-]+", requirement).group()) for requirement in peer.requirements}
+    missing = {module for module in imported([peer.script, ROOT / "contract.py"])
+               if _normal(PEER_DISTRIBUTIONS.get(module, module)) not in wanted}
+    assert not missing, f"{peer.script.name} imports what its virtualenv does not install: {missing}"
 
 
 def test_every_dependency_is_pinned_in_constraints():

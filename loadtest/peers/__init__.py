@@ -33,7 +33,8 @@ class Peer:
 
 
 PEERS = {
-    "litserve": Peer("litserve", "LitServe 0.2.19, batches of 32 / 5 ms", ["litserve==0.2.19", *CONTRACT_DEPS],
+    "litserve": Peer("litserve", "LitServe 0.2.19, batches of 32 / 5 ms",
+                     ["litserve==0.2.19", "numpy==2.4.6", *CONTRACT_DEPS],
                      HERE / "litserve_app.py", "classify", "/health"),
     "pytriton": Peer("pytriton", "PyTriton 0.7.0 (Triton, dynamic batching up to 64)",
                      ["nvidia-pytriton==0.7.0", "numpy<2", *CONTRACT_DEPS], HERE / "pytriton_app.py", "v2",
