@@ -8,6 +8,7 @@ metrics and auth stack it builds for all routes; this app adds no middleware of 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -116,9 +117,7 @@ def model_summary(state: ServiceState) -> dict:
             "files": {name: entry["sha256"] for name, entry in manifest["files"].items()},
         },
         "provider": engine.provider,
-        "batching": {key: getattr(settings, key) for key in (
-            "max_batch_size", "max_batch_tokens", "max_padding_ratio", "max_wait_ms", "max_queue_size",
-            "request_timeout_s")},
+        "batching": asdict(engine.batcher.limits),
         "limits": {key: getattr(settings, key) for key in (
             "max_text_chars", "max_texts", "max_body_bytes", "default_top_k")},
         "ready": state.ready,

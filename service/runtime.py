@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,22 @@ class Runtime:
             self.run([[unk] * length] * count)
 
 
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` pip packages (how the GPU image and a pip install
+    get them), so a CUDA session finds them without ``LD_LIBRARY_PATH``; system-wide libraries still work."""
+    try:
+        ort.preload_dlls()
+    except Exception as error:  # noqa: BLE001 - a missing package only means the system's libraries are used
+        log.info("onnxruntime.preload_dlls: %s", error)
+
+
 def providers_for(choice: str) -> list[str]:
     available = ort.get_available_providers()
     if choice == "cpu":
         return [contract.CPU]
+    if CUDA in available and hasattr(ort, "preload_dlls"):
+        _preload_cuda_libraries()
     if choice == "cuda":
         if CUDA not in available:
             raise ArtifactError(f"provider 'cuda' asked for, but this onnxruntime offers only {available} "

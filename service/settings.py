@@ -46,6 +46,11 @@ class VersionPolicy:
         return "all" if self.kind == "all" else "specific:" + ",".join(map(str, self.versions))
 
 
+# Provisional: not yet measured on a GPU (no session has had one). `python -m loadtest.gpu_check` measures the
+# candidates (--batching) on the GPU machine; replace these with its winner and cite the run in README.
+CUDA_BATCH_DEFAULTS: dict[str, int | float] = {"max_batch_size": 256, "max_batch_tokens": 16384}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCS_", extra="forbid", protected_namespaces=())
 
@@ -96,8 +101,13 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(10.0, gt=0, description="a connection must send a whole request within this "
                                   "long of opening or of its previous answer, else it is closed (slow clients)")
 
-    def batch_limits(self) -> BatchLimits:
-        return BatchLimits(**{field.name: getattr(self, field.name) for field in fields(BatchLimits)})
+    def batch_limits(self, provider: str = "CPUExecutionProvider") -> BatchLimits:
+        """The batching knobs for an engine on ``provider``: on CUDA, the knobs not set explicitly take
+        ``CUDA_BATCH_DEFAULTS`` (a GPU runs a batch of hundreds in about the time of a batch of one)."""
+        limits = {field.name: getattr(self, field.name) for field in fields(BatchLimits)}
+        if provider == "CUDAExecutionProvider":
+            limits |= {k: v for k, v in CUDA_BATCH_DEFAULTS.items() if k not in self.model_fields_set}
+        return BatchLimits(**limits)
 
     @field_validator("version_policy")
     @classmethod

@@ -173,6 +173,29 @@ def test_an_interrupted_run_stops_every_process_it_started(tmp_path: Path, sig: 
     assert not leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
+def test_the_accelerator_check_rehearses_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """`scripts/gpu_check.sh` runs this on the GPU with --provider cuda; here every step runs on the CPU."""
+    result = run_cli("loadtest.gpu_check", "--provider", "cpu", "--quick", "--workers", "1", "--model-dir",
+                     str(TEST_ARTIFACT), "--data", str(TEST_CSV), "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    found = json.loads((tmp_path / "results.json").read_text())
+    model = found["model"]
+    assert found["machine"]["onnxruntime"] and model["provider_used"] == "CPUExecutionProvider"
+    assert model["parity_vs_cpu"] == {"max_abs_diff": 0.0, "argmax_changes": 0}
+    assert set(model["invariance"]) == {"17", "64", "256", "1024"} and set(model["throughput"]) == {"1", "64", "256", "1024"}
+    assert all(d["max_abs_diff"] <= 1e-5 and d["argmax_changes"] == 0 for d in model["invariance"].values())
+    assert set(found["http"]) == {"cpu", "default", "default+wait", "1024"}
+    for name, row in found["http"].items():
+        assert row["provider_reported"] == "CPUExecutionProvider"
+        assert [p["route"] for p in row["points"]] == ["/classify", "v2"]
+        assert all(p["rps"] > 0 and p["errors"] == 0 for p in row["points"]), row
+    assert found["http"]["1024"]["batching"]["max_batch_size"] == 1024
+    assert found["scaling"]["1"]["sentences_per_s"] > 0 and found["problems"] == []
+    assert found["best_batching"] in found["http"] and "Problems: none" in (tmp_path / "report.md").read_text()
+    assert not leftovers(str(tmp_path))
+
+
 @pytest.mark.parametrize("module, args, says", [
     ("loadtest.bench", ["--configs", "nope"], "--configs: unknown nope"),
     ("loadtest.bench", ["--concurrency", "0,8"], "expected positive numbers"),
@@ -184,6 +207,7 @@ def test_an_interrupted_run_stops_every_process_it_started(tmp_path: Path, sig: 
     ("loadtest.overload", ["--factor", "0"], "--factor"),
     ("loadtest.overload", ["--env", "oops"], "--env 'oops': expected KEY=VALUE"),
     ("loadtest.report", ["missing.json"], "usage: python -m loadtest.report"),
+    ("loadtest.gpu_check", ["--out", "unused", "--batching", "huge"], "--batching: unknown huge"),
 ])
 def test_bad_arguments_are_one_line_errors(module: str, args: list[str], says: str) -> None:
     assert_one_line_error(run_cli(module, *args, timeout=60), says)

@@ -473,3 +473,15 @@ def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, 
         else:
             assert isinstance(error, DeadlineExceeded), error
             assert ended[0] >= submitted + timeout - 1e-6, "answered 504 before its deadline"
+
+
+def test_on_cuda_the_batching_knobs_not_set_take_the_gpu_defaults() -> None:
+    from service.settings import CUDA_BATCH_DEFAULTS
+
+    cpu, cuda = Settings().batch_limits(), Settings().batch_limits("CUDAExecutionProvider")
+    assert (cpu.max_batch_size, cpu.max_batch_tokens) == (64, 4096)
+    assert (cuda.max_batch_size, cuda.max_batch_tokens) == (CUDA_BATCH_DEFAULTS["max_batch_size"],
+                                                           CUDA_BATCH_DEFAULTS["max_batch_tokens"])
+    assert cuda.max_padding_ratio == cpu.max_padding_ratio and cuda.max_queue_size == cpu.max_queue_size
+    chosen = Settings(max_batch_size=32).batch_limits("CUDAExecutionProvider")  # a knob set explicitly wins
+    assert (chosen.max_batch_size, chosen.max_batch_tokens) == (32, CUDA_BATCH_DEFAULTS["max_batch_tokens"])
