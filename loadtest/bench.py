@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -225,7 +226,9 @@ def median_points(points: list[dict]) -> list[dict]:
 
 def run(args, run_data: dict, log_dir: Path) -> None:
     ports: dict[str, int] = {}
-    peer_python = {name: python_for(PEERS[name], say) for name in args.configs if name in PEERS}
+    wanted = [name for name in args.configs if name in PEERS]
+    with ThreadPoolExecutor(max(1, len(wanted))) as pool:  # their virtualenvs install side by side (pip waits on I/O)
+        peer_python = dict(zip(wanted, pool.map(lambda name: python_for(PEERS[name], say), wanted)))
     known = configs(args.model_dir, lambda name: ports.setdefault(name, free_port()), args.reference, peer_python)
     chosen = [known[name] for name in args.configs]
     servers: dict[str, Server] = {}

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 import tomllib
 from pathlib import Path
 
@@ -93,12 +94,13 @@ def test_every_dependency_is_pinned_in_constraints():
         assert "-c constraints.txt" in (ROOT / target).read_text().replace("/build/", ""), target
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", ["serve", "load", "export"])
-def test_each_package_imports_from_a_clean_venv_of_its_extra(extra, tmp_path):
-    """What `pip install '.[extra]'` gives a new user is enough to import every module that extra is for."""
-    venv, source = tmp_path / "venv", tmp_path / "source"  # a copy: setuptools writes build/ into what it builds
-    source.mkdir()
+CLEAN_EXTRAS = ("serve", "load", "export")
+
+
+def install_clean_venv(extra: str, folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh virtualenv holding only ``pip install '.[extra]'`` of a copy of the project."""
+    venv, source = folder / "venv", folder / "source"  # a copy: setuptools writes build/ into what it builds
+    source.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md", "contract.py", "service", "model_export", "loadtest"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -106,6 +108,23 @@ def test_each_package_imports_from_a_clean_venv_of_its_extra(extra, tmp_path):
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                               "-c", str(ROOT / "constraints.txt"), f"{source}[{extra}]"],
                              capture_output=True, text=True, timeout=900)
+    return python, install
+
+
+@pytest.fixture(scope="module")
+def clean_venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The three extras' virtualenvs, installed side by side (pip mostly waits on the network and the disk)."""
+    root = tmp_path_factory.mktemp("clean-venvs")
+    with ThreadPoolExecutor(len(CLEAN_EXTRAS)) as pool:
+        made = pool.map(lambda extra: install_clean_venv(extra, root / extra), CLEAN_EXTRAS)
+        return dict(zip(CLEAN_EXTRAS, made))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", CLEAN_EXTRAS)
+def test_each_package_imports_from_a_clean_venv_of_its_extra(extra, clean_venvs, tmp_path):
+    """What `pip install '.[extra]'` gives a new user is enough to import every module that extra is for."""
+    python, install = clean_venvs[extra]
     assert install.returncode == 0, install.stderr[-3000:]
     modules = []
     for path in sources(USES[extra]):
