@@ -13,6 +13,7 @@ This module never imports torch or training code (the service imports it); ``che
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -67,6 +68,15 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
     verification: dict[str, Any] = {}
+    # Temperature scaling and the selective-classification thresholds (model_export/calibration.py); empty in
+    # artifacts made before them or with calibration off.
+    calibration: dict[str, Any] = {}
+    selective: dict[str, Any] = {}
+    # With out-of-scope data (model_export/openset.py): the abstention threshold chosen on validation, which the
+    # service applies by default.
+    open_set: dict[str, Any] = {}
+    # The input-drift reference (``drift_bins``): each signal's share per bin on the training data.
+    drift: dict[str, Any] = {}
     versions: dict[str, Any] = {}
 
     @field_validator("files")
@@ -214,6 +224,26 @@ def inputs(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndar
 
 
 # --- checking a folder --------------------------------------------------------------------------------------------
+
+# Input drift: four signals per sentence, each binned the same way at export (the reference, from the training
+# data) and in the service (a rolling window of served sentences).
+DRIFT_LENGTH_EDGES = (2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48)  # tokens; bins [1, 2), [2, 4), ..., [48, inf)
+DRIFT_UNKNOWN_EDGES = (1e-9, 0.05, 0.2, 0.5)  # share of [UNK] tokens; bins 0, (0, 0.05), ..., [0.5, 1]
+DRIFT_SCORE_BINS = 10  # top probability, equal-width bins over [0, 1]
+
+
+def drift_bins(ids: Sequence[int], unk_id: int, top_class: int, top_score: float) -> tuple[int, int, int, int]:
+    """The bin of one sentence in each drift signal: (length, unknown-token share, predicted class, top score)."""
+    length = bisect.bisect_right(DRIFT_LENGTH_EDGES, len(ids))
+    unknown = bisect.bisect_right(DRIFT_UNKNOWN_EDGES, ids.count(unk_id) / len(ids))
+    return length, unknown, top_class, min(int(top_score * DRIFT_SCORE_BINS), DRIFT_SCORE_BINS - 1)
+
+
+def drift_sizes(num_classes: int) -> dict[str, int]:
+    """How many bins each drift signal has, in ``drift_bins`` order."""
+    return {"length": len(DRIFT_LENGTH_EDGES) + 1, "unknown_tokens": len(DRIFT_UNKNOWN_EDGES) + 1,
+            "predicted_class": num_classes, "top_score": DRIFT_SCORE_BINS}
+
 
 def read(folder: Path) -> Artifact:
     """Manifest, file hashes, labels, the graph's opset and the tokenizer, each against the others.

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="artifact folder to write, e.g. models/banking77/1")
     train.add_argument("--name", help="model name in the manifest (default: the --out parent folder's name)")
     train.add_argument("--force", action="store_true", help="replace --out if it exists")
+    train.add_argument("--oos-label", help="rows with this label are out of scope: never trained on, used to choose "
+                       "the abstention threshold on validation and scored on test")
+    train.add_argument("--oos-classes", default="", help="open-set protocol: comma-separated classes held out of "
+                       "training entirely, their sentences out of scope (labelled --oos-label, default oos)")
+    train.add_argument("--oos-recall", type=float, default=0.9,
+                       help="out-of-scope recall the threshold must reach on validation (default 0.9)")
     _add_training_arguments(train)
 
     seeds = commands.add_parser("seeds", help="train with several seeds and print test accuracy, mean and spread "
@@ -106,11 +112,18 @@ def command_train(args) -> None:
     if not args.out.name.isdigit():
         raise UserError(f"--out {args.out}: the last part must be an integer version folder, as in "
                         f"models/<name>/1 (the service serves models/<name>/<version>/)")
+    from .openset import separate
+
     config, dataset = _config_and_data(args)
+    classes = [c.strip() for c in args.oos_classes.split(",") if c.strip()]
+    dataset, oos = separate(dataset, args.oos_label, classes, args.oos_recall)
     name = args.name or args.out.resolve().parent.name
     info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
             "licence": _licence(Path(args.data))}
-    build_artifact(dataset, config, args.out, name, args.out.name, info, progress=not args.no_progress)
+    if oos is not None:
+        info |= {"oos_label": oos.label, "held_out_classes": oos.held_out_classes,
+                 "oos_rows": {"train": len(oos.train_texts), "test": len(oos.test_texts)}}
+    build_artifact(dataset, config, args.out, name, args.out.name, info, progress=not args.no_progress, oos=oos)
 
 
 def _licence(data: Path) -> str:

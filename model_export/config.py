@@ -29,6 +29,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     patience: int = 5
     threads: int = 2
+    calibrate: bool = True  # temperature scaling on the validation split (model_export/calibration.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""The classifier: Embedding -> BiLSTM that never reads padding -> masked max+mean pooling -> Linear -> softmax.
+"""The classifier: Embedding -> BiLSTM that never reads padding -> masked max+mean pooling -> Linear -> / T -> softmax.
 
 Why it is batch-invariant: the forward LSTM is causal, so its outputs at the real steps of a
 right-padded sentence never see the padding after them. The backward direction is a second
@@ -51,6 +51,8 @@ class SentenceClassifier(nn.Module):
         directions = 2 if shape.bidirectional else 1
         self.dropout = nn.Dropout(shape.dropout)
         self.head = nn.Linear(2 * directions * shape.hidden_size, shape.num_classes)
+        # Temperature scaling (model_export/calibration.py): fitted on validation after training, 1 until then.
+        self.register_buffer("temperature", torch.tensor(1.0))
 
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         lengths = lengths.clamp(min=1, max=input_ids.shape[1])
@@ -66,5 +68,5 @@ class SentenceClassifier(nn.Module):
         return self.head(self.dropout(torch.cat([pooled_max, pooled_mean], dim=-1)))
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class probabilities: the exported graph's only output."""
-        return torch.softmax(self.logits(input_ids, lengths), dim=-1)
+        """Class probabilities, calibrated by the temperature: the exported graph's only output."""
+        return torch.softmax(self.logits(input_ids, lengths) / self.temperature, dim=-1)

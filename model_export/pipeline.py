@@ -19,11 +19,13 @@ from tokenizers import Tokenizer
 
 import contract
 
+from . import calibration, openset
 from .config import TrainConfig
 from .data import Dataset, Split, stratified_split
 from .errors import UserError
 from .export import export_onnx, verify
-from .report import plot_confusion_matrix, plot_training_curve, test_metrics
+from .report import (plot_confusion_matrix, plot_coverage, plot_open_set, plot_reliability, plot_training_curve,
+                     test_metrics)
 from .tokenizer import PAD, UNK, fit_tokenizer
 from .train import TrainResult, predict, train
 
@@ -66,6 +68,60 @@ def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=
     return Fitted(tokenizer, labels, fit, validation, result)
 
 
+def calibrate(fitted: Fitted, config: TrainConfig, validation_targets: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Fit the temperature on validation and set it on the model. Returns the calibration record and the
+    validation probabilities the model now gives (with the temperature, or without when calibration is off)."""
+    model = fitted.result.model
+    logits = predict(model, fitted.ids(fitted.validation.texts, config.max_length), fitted.pad_id, logits=True)
+    if not config.calibrate:
+        return {"enabled": False}, calibration.softmax(logits)
+    temperature = calibration.fit_temperature(logits, validation_targets)
+    model.temperature.fill_(temperature)
+    before, after = calibration.softmax(logits), calibration.softmax(logits, temperature)
+    record = {"enabled": True, "method": "temperature scaling", "fitted_on": "validation",
+              "temperature": temperature, "bins": calibration.ECE_BINS,
+              "validation_nll_before": calibration.nll(logits, validation_targets),
+              "validation_nll_after": calibration.nll(logits, validation_targets, temperature),
+              "validation_ece_before": calibration.ece(before, validation_targets),
+              "validation_ece_after": calibration.ece(after, validation_targets)}
+    return record, after
+
+
+def selective(validation_probabilities: np.ndarray, validation_targets: np.ndarray, test_probabilities: np.ndarray,
+              test_targets: np.ndarray) -> dict:
+    """The max-probability thresholds that reach each target precision on validation, and what each gives on
+    test (coverage, precision), for the manifest and the service's ``min_precision``."""
+    rows = []
+    for row in calibration.thresholds(validation_probabilities, validation_targets):
+        test = (calibration.at_threshold(test_probabilities, test_targets, row["min_score"])
+                if row["min_score"] is not None else {"coverage": 0.0, "precision": None})
+        rows.append({"precision": row["precision"], "min_score": row["min_score"],
+                     "validation_coverage": row["coverage"], "validation_precision": row["achieved_precision"],
+                     "test_coverage": test["coverage"], "test_precision": test["precision"]})
+    return {"chosen_on": "validation", "score": "max probability", "thresholds": rows}
+
+
+def drift_reference(fitted: Fitted, max_length: int, validation_probabilities: np.ndarray) -> dict:
+    """Each drift signal's share per bin (``contract.drift_bins``): length, unknown tokens and predicted class on
+    the training rows, top score on validation (training rows are scored over-confidently)."""
+    ids = fitted.ids(fitted.fit.texts, max_length)
+    probabilities = predict(fitted.result.model, ids, fitted.pad_id)
+    unk_id = fitted.tokenizer.token_to_id(UNK)
+    sizes = contract.drift_sizes(len(fitted.labels))
+    counts = {name: np.zeros(size) for name, size in sizes.items()}
+    for sentence, row in zip(ids, probabilities):
+        length, unknown, top, _ = contract.drift_bins(sentence, unk_id, int(row.argmax()), float(row.max()))
+        counts["length"][length] += 1
+        counts["unknown_tokens"][unknown] += 1
+        counts["predicted_class"][top] += 1
+    for row in validation_probabilities:
+        counts["top_score"][contract.drift_bins([0], unk_id, 0, float(row.max()))[3]] += 1
+    return {"reference": {name: (c / c.sum()).round(6).tolist() for name, c in counts.items()},
+            "rows": {"training": len(ids), "validation": len(validation_probabilities)},
+            "signals": {"length": "tokens per sentence", "unknown_tokens": "share of [UNK] tokens",
+                        "predicted_class": "the most likely class", "top_score": "the top probability (validation)"}}
+
+
 def test_accuracy(fitted: Fitted, dataset: Dataset, max_length: int) -> float:
     """Torch accuracy on the test split (for seed sweeps; artifacts are scored through onnxruntime)."""
     index = {label: i for i, label in enumerate(fitted.labels)}
@@ -74,14 +130,21 @@ def test_accuracy(fitted: Fitted, dataset: Dataset, max_length: int) -> float:
 
 
 def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, version: str,
-                   dataset_info: dict, progress: bool = True, log=print) -> contract.Manifest:
-    """Train, evaluate on test once, export, verify, and move the finished folder to ``out``. Returns the manifest."""
+                   dataset_info: dict, progress: bool = True, log=print,
+                   oos: openset.OutOfScope | None = None) -> contract.Manifest:
+    """Train, evaluate on test once, export, verify, and move the finished folder to ``out``. Returns the manifest.
+    ``oos``: out-of-scope sentences (never trained on) to choose the abstention threshold with."""
     started = time.perf_counter()
     fitted = fit_model(dataset, config, progress, log)
     tokenizer, labels, fit, validation, result = (fitted.tokenizer, fitted.labels, fitted.fit, fitted.validation,
                                                   fitted.result)
     index = {label: i for i, label in enumerate(labels)}
     pad_id, unk_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(UNK)
+    validation_targets = np.array([index[label] for label in validation.labels])
+    calibrated, validation_probabilities = calibrate(fitted, config, validation_targets)
+    if calibrated["enabled"]:
+        log(f"calibration: temperature {calibrated['temperature']:.3f} (validation NLL "
+            f"{calibrated['validation_nll_before']:.4f} -> {calibrated['validation_nll_after']:.4f})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
@@ -100,6 +163,33 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
         log(report)
         plot_confusion_matrix(targets, predictions, labels, staging / "confusion_matrix.png")
         plot_training_curve(result.history, result.best_epoch, staging / "training_curve.png")
+        uncalibrated = calibration.softmax(predict(result.model, test_ids, pad_id, logits=True))
+        if calibrated["enabled"]:
+            calibrated |= {"test_ece_before": calibration.ece(uncalibrated, targets),
+                           "test_ece_after": calibration.ece(probabilities, targets),
+                           "argmax_changes": int((uncalibrated.argmax(1) != predictions).sum())}
+            log(f"calibration: test ECE {calibrated['test_ece_before']:.4f} -> {calibrated['test_ece_after']:.4f} "
+                f"({calibrated['argmax_changes']} argmax changes)")
+        plot_reliability(uncalibrated, probabilities if calibrated["enabled"] else None, targets,
+                         staging / "reliability_diagram.png")
+        thresholds = selective(validation_probabilities, validation_targets, probabilities, targets)
+        plot_coverage(validation_probabilities, validation_targets, probabilities, targets,
+                      staging / "coverage_curve.png")
+        log(selective_table(thresholds))
+        drift = drift_reference(fitted, config.max_length, validation_probabilities)
+        open_set = {}
+        if oos is not None:
+            model = result.model
+            validation_oos = predict(model, fitted.ids(oos.train_texts, config.max_length), pad_id)
+            test_oos = predict(model, fitted.ids(oos.test_texts, config.max_length), pad_id)
+            open_set = openset.report(oos, (validation_probabilities, validation_targets, validation_oos),
+                                      (probabilities, targets, test_oos))
+            plot_open_set((validation_probabilities, validation_targets, validation_oos),
+                          (probabilities, targets, test_oos), open_set, staging / "open_set_curve.png")
+            log(f"out of scope: threshold {open_set['min_score']:.4f} chosen on validation for "
+                f"{oos.target_recall:.0%} recall; test in-scope accuracy {open_set['test']['in_scope_accuracy']:.4f} "
+                f"(without it {open_set['test_without_threshold']['in_scope_accuracy']:.4f}), out-of-scope recall "
+                f"{open_set['test']['oos_recall']:.4f} ({len(oos.test_texts)} test sentences)")
 
         manifest = contract.Manifest(
             name=name,
@@ -119,6 +209,10 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
                       "best_validation_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 1),
                       "history": result.history},
             verification=checks,
+            calibration=calibrated,
+            selective=thresholds,
+            open_set=open_set,
+            drift=drift,
             versions={"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                       "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__},
         )
@@ -135,6 +229,19 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
         f"({checks['batch_invariance_argmax_changes']} argmax changes); wrote {out} in "
         f"{time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def selective_table(selective: dict) -> str:
+    """The thresholds as a Markdown table: validation (where they were chosen) beside test."""
+    lines = ["| target precision | min_score | validation coverage | validation precision | test coverage | "
+             "test precision |", "|---:|---:|---:|---:|---:|---:|"]
+    for row in selective["thresholds"]:
+        cells = [f"{row['precision']:.0%}"]
+        for key in ("min_score", "validation_coverage", "validation_precision", "test_coverage", "test_precision"):
+            value = row[key]
+            cells.append("-" if value is None else f"{value:.4f}" if key == "min_score" else f"{value:.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def check_output_folder(out: Path, force: bool) -> None:

@@ -67,3 +67,59 @@ def plot_training_curve(history: list[dict], best_epoch: int, path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_reliability(before: np.ndarray, after: np.ndarray | None, targets: np.ndarray, path: Path) -> None:
+    """Reliability diagram on the test split: accuracy against confidence per bin, before and after calibration."""
+    from .calibration import ece, reliability
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for probabilities, name, style in ((before, "uncalibrated", "o-"), (after, "temperature-scaled", "s-")):
+        if probabilities is None:
+            continue
+        rows = [row for row in reliability(probabilities, targets) if row["count"]]
+        ax.plot([row["confidence"] for row in rows], [row["accuracy"] for row in rows], style,
+                label=f"{name} (ECE {ece(probabilities, targets):.3f})")
+    _finish(fig, ax, path, "Reliability diagram (test split, 15 bins)", "confidence (max probability)", "accuracy",
+            "upper left")
+
+
+def plot_coverage(validation: np.ndarray, validation_targets: np.ndarray, test: np.ndarray,
+                  test_targets: np.ndarray, path: Path) -> None:
+    """Selective classification: precision of the answered predictions against the share answered."""
+    from .calibration import coverage_curve
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for probabilities, targets, name in ((validation, validation_targets, "validation"), (test, test_targets, "test")):
+        _, coverage, precision = coverage_curve(probabilities, targets)
+        ax.plot(coverage, precision, label=name)
+    _finish(fig, ax, path, "Coverage vs precision (answer only when max probability >= threshold)",
+            "coverage (share of predictions answered)", "precision of the answered predictions", "lower left",
+            full_y=False)
+
+
+def plot_open_set(validation: tuple, test: tuple, record: dict, path: Path) -> None:
+    """In-scope accuracy against out-of-scope recall as the abstention threshold rises, and the chosen point."""
+    from .openset import curve
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for (in_probabilities, in_targets, oos_probabilities), name in ((validation, "validation"), (test, "test")):
+        recall, accuracy = curve(in_probabilities, in_targets, oos_probabilities)
+        ax.plot(recall, accuracy, label=name)
+    chosen = record["test"]
+    ax.plot([chosen["oos_recall"]], [chosen["in_scope_accuracy"]], "k*", markersize=10,
+            label=f"threshold {record['min_score']:.3f} (chosen on validation), on test")
+    _finish(fig, ax, path, "Out of scope: abstention threshold from 0 to 1", "out-of-scope recall (share abstained on)",
+            "in-scope accuracy (abstaining counts as wrong)", "lower left")
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: str, full_y: bool = True) -> None:
+    """Axes on [0, 1], labels, legend; write the PNG."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1))
+    if full_y:
+        ax.set_ylim(0, 1)
+    ax.legend(loc=legend, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -53,15 +53,18 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) ->
 
 
 @torch.no_grad()
-def predict(model: SentenceClassifier, sequences: list[list[int]], pad_id: int, batch_size: int = 256) -> np.ndarray:
-    """Probabilities for every sequence, in order (batches of similar lengths for speed)."""
+def predict(model: SentenceClassifier, sequences: list[list[int]], pad_id: int, batch_size: int = 256,
+            logits: bool = False) -> np.ndarray:
+    """Probabilities (or, with ``logits``, the uncalibrated logits) for every sequence, in order (batches of
+    similar lengths for speed)."""
     model.eval()
+    run = model.logits if logits else model
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = np.zeros((len(sequences), model.shape.num_classes), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         ids, lengths = pad_batch([sequences[i] for i in index], pad_id)
-        out[index] = model(ids, lengths).numpy()
+        out[index] = run(ids, lengths).numpy()
     return out
 
 

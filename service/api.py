@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from . import __version__, v2
-from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error_id
+from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error_id, not_found
 from .openapi import document
 from .schemas import ErrorResponse, error_details
 from .state import Phase, ServiceState
@@ -76,6 +76,19 @@ def create_api(state: ServiceState) -> FastAPI:
              "(provider, memory, queue) and the versions refused, with why")
     async def models() -> dict:
         return {"default": state.repository.default_model, "models": state.repository.describe()}
+
+    @api.get("/v1/models/{name}/drift", summary="input drift of a served version (default: the newest): each "
+             "signal's recent distribution against the training data's, its PSI and whether it alerts",
+             responses={404: {"model": ErrorResponse, "description": "no such model or served version, or it "
+                                                                    "carries no drift reference"}})
+    async def drift(name: str, version: str | None = None) -> Response:
+        try:
+            engine = state.repository.route(name, version)
+            if engine.drift is None:
+                raise not_found(f"model {name!r} version {engine.version} was exported without a drift reference")
+        except ServiceError as error:
+            return error_response(error)
+        return JSON({"model": engine.name, "version": engine.version} | engine.drift.report())
 
     @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:

@@ -31,6 +31,7 @@ class ClassifyRoute:
         self.limits = Limits(settings.max_text_chars, settings.max_texts)
         self.max_body = settings.max_body_bytes
         self.default_top_k = settings.default_top_k
+        self.default_min_score = settings.min_score
 
     async def __call__(self, scope, receive, send) -> None:
         headers = None
@@ -61,20 +62,26 @@ class ClassifyRoute:
         classes = len(engine.labels)
         if request.top_k is not None and request.top_k > classes:
             raise top_k_out_of_range(classes)
+        min_score = engine.min_score(request.min_score, request.min_precision, self.default_min_score)
         stop_watching = cancel_if_client_leaves(scope, receive)
         try:
             result = await engine.classify(texts, request_id.get())
         finally:
             stop_watching()
-        return orjson.dumps(render(result, min(request.top_k or self.default_top_k, classes)))
+        answer, abstained = render(result, min(request.top_k or self.default_top_k, classes), min_score)
+        engine.abstained(abstained)
+        return orjson.dumps(answer)
 
 
-def render(result: Classification, top_k: int) -> dict:
-    labels, predictions = result.labels, []
+def render(result: Classification, top_k: int, min_score: float | None = None) -> tuple[dict, int]:
+    """The answer, and how many of its predictions abstained (score under ``min_score``)."""
+    labels, predictions, abstentions = result.labels, [], 0
     for scores, truncated in zip(result.scores, result.truncated):
         probabilities, ranked = scores.probabilities, scores.ranked
         best = ranked[0]
-        predictions.append({"label": labels[best], "score": probabilities[best],
+        abstained = min_score is not None and probabilities[best] < min_score
+        abstentions += abstained
+        predictions.append({"label": None if abstained else labels[best], "score": probabilities[best],
                             "probabilities": {labels[i]: probabilities[i] for i in ranked[:top_k]},
-                            "truncated": truncated})
-    return {"model": result.model, "version": result.version, "predictions": predictions}
+                            "truncated": truncated, "abstained": abstained})
+    return {"model": result.model, "version": result.version, "predictions": predictions}, abstentions

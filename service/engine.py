@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .batcher import Batcher, BatchLimits
+from .drift import DriftMonitor
 from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
+from .schemas import no_threshold_for
 
 log = logging.getLogger("service.engine")
 
@@ -36,7 +38,8 @@ class Classification:
 
 class Engine:
     def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None, drift_window: int = 1000,
+                 drift_alert_psi: float = 0.25) -> None:
         artifact = runtime.artifact
         self.runtime = runtime
         self.manifest = artifact.manifest
@@ -45,7 +48,17 @@ class Engine:
                                                                lambda: self.queue_depth) if metrics else None)
         self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor)
         self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
+        # (precision, min_score) reached on validation, from the manifest (model_export/calibration.py)
+        self.thresholds = sorted((row["precision"], row["min_score"])
+                                 for row in self.manifest.selective.get("thresholds", [])
+                                 if row.get("min_score") is not None)
+        # A model exported with out-of-scope data abstains below its own threshold unless told otherwise.
+        self.open_set_min_score: float | None = self.manifest.open_set.get("min_score")
         self._encode = artifact.encoder.encode
+        # Artifacts exported before drift references carry none: no monitor then.
+        self.drift = DriftMonitor(self.manifest, drift_window, drift_alert_psi) if self.manifest.drift else None
+        if self.drift is not None and metrics is not None:
+            self.metrics.watch_drift(self.drift)
 
     @property
     def provider(self) -> str:
@@ -69,7 +82,27 @@ class Engine:
         ids, truncated = self._encode(texts)
         job = self.batcher.submit(ids, request_id, timeout_s)
         scores = await job.future
+        if self.drift is not None:
+            tops = [s.ranked[0] for s in scores]
+            self.drift.observe(ids, tops, [s.probabilities[top] for s, top in zip(scores, tops)])
         return Classification(self.name, self.version, self.labels, scores, truncated)
+
+    def min_score(self, min_score: float | None, min_precision: float | None, default: float | None) -> float | None:
+        """The abstention threshold a request asks for: its ``min_score``, else the score that reached
+        ``min_precision`` on validation (the nearest stored precision at or above it), else ``default``
+        (SCS_MIN_SCORE), else the model's own out-of-scope threshold."""
+        if min_score is not None:
+            return min_score
+        if min_precision is None:
+            return default if default is not None else self.open_set_min_score
+        for precision, score in self.thresholds:
+            if precision >= min_precision - 1e-9:
+                return score
+        raise no_threshold_for(min_precision, [precision for precision, _ in self.thresholds])
+
+    def abstained(self, count: int) -> None:
+        if count and self.metrics is not None:
+            self.metrics.abstain(count)
 
     @property
     def queue_depth(self) -> int:

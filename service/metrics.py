@@ -60,6 +60,11 @@ class Metrics:
                                 ["name", "version", "provider"], registry=r, multiprocess_mode="livemax")
         self.model_memory = Gauge("scs_model_memory_bytes", "resident memory the processes grew by while loading "
                                   "this version (approximate)", MODEL, registry=r, multiprocess_mode="livesum")
+        self.abstentions = Counter("scs_abstentions", "predictions answered without a class (score under the "
+                                   "request's threshold)", MODEL, registry=r)
+        self.drift_psi = Gauge("scs_drift_psi", "population stability index of the recent traffic against the "
+                               "training data, per drift signal", [*MODEL, "signal"], registry=r,
+                               multiprocess_mode="livemax")
         self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
                                      MODEL, registry=r)
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -114,6 +119,8 @@ class ModelMetrics:
         self._real = metrics.real_tokens.labels(model, version).inc
         self._padded = metrics.padded_tokens.labels(model, version).inc
         self._run = metrics.run_time.labels(model, version).observe
+        self.abstain = metrics.abstentions.labels(model, version).inc
+        self._drift: dict[str, Gauge] = {}  # signal -> its scs_drift_psi child (watch_drift)
 
     def observe_dispatch(self, waits: Sequence[float]) -> None:
         """A batch leaves the queue: how long each of its sentences waited."""
@@ -133,20 +140,31 @@ class ModelMetrics:
     def reject(self, reason: str) -> None:
         self.metrics.reject(reason, self.model, self.version)
 
+    def watch_drift(self, monitor) -> None:
+        """``scs_drift_psi`` per signal reads the monitor (at scrape time)."""
+        for index, name in enumerate(monitor.names):
+            self._drift[name] = gauge = self.metrics.drift_psi.labels(self.model, self.version, name)
+            self.metrics.bind(gauge, lambda index=index: monitor.psi(index))
+
     def memory(self, grown_bytes: int) -> None:
         self.metrics.model_memory.labels(self.model, self.version).set(grown_bytes)
 
     def remove(self) -> None:
         """The version is unloaded: its series go (a scrape must not show a model that is not served)."""
         m, labels = self.metrics, (self.model, self.version)
+        drift = list(self._drift.values())
+        for gauge in drift:
+            m.unbind(gauge)
         if m.multiprocess:  # series cannot be removed there: the gauges drop to 0, the counters keep their totals
             m.unbind(m.queue_depth.labels(*labels))
+            for gauge in drift:
+                gauge.set(0)
             for gauge in (m.queue_depth.labels(*labels), m.model_memory.labels(*labels),
                           m.model_info.labels(self.model, self.version, self.provider)):
                 gauge.set(0)
             return
         for family in (m.queue_wait, m.batch_size, m.batch_tokens, m.padding_ratio, m.real_tokens, m.padded_tokens,
-                       m.run_time, m.queue_depth, m.model_memory):
+                       m.run_time, m.queue_depth, m.model_memory, m.abstentions):
             try:
                 family.remove(*labels)
             except KeyError:
@@ -155,3 +173,5 @@ class ModelMetrics:
             m.model_info.remove(self.model, self.version, self.provider)
         except KeyError:
             pass
+        for name in self._drift:
+            m.drift_psi.remove(*labels, name)

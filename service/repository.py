@@ -158,7 +158,8 @@ class Repository:
         if runtime.artifact.version != str(version):
             raise ArtifactError(f"{folder}/manifest.json: version {runtime.artifact.version!r}, but it lies in "
                                 f"version folder {version}")
-        engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor)
+        engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor,
+                        self.settings.drift_window, self.settings.drift_alert_psi)
         engine.memory_bytes = max(0, rss_bytes() - before)
         engine.metrics.memory(engine.memory_bytes)
         return engine

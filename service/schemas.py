@@ -43,6 +43,11 @@ class ClassifyRequest(BaseModel):
                               "at most the model's class count)")
     model: str | None = Field(None, description="which model of the repository (default: the default model)")
     version: str | None = Field(None, description="which of its served versions (default: the newest served)")
+    min_score: float | None = Field(None, ge=0, le=1, description="abstain (`abstained: true`, `label: null`) "
+                                    "when the most likely class's probability is below this (default: SCS_MIN_SCORE)")
+    min_precision: float | None = Field(None, gt=0, le=1, description="abstain below the threshold that reached "
+                                        "this precision on the model's validation split (the manifest's "
+                                        "`selective` thresholds: the nearest stored precision at or above it)")
 
     @field_validator("text")
     @classmethod
@@ -83,6 +88,9 @@ class ClassifyRequest(BaseModel):
     def _one_of(self) -> "ClassifyRequest":
         if (self.text is None) == (self.texts is None):
             raise PydanticCustomError("text_or_texts", "give exactly one of 'text' or 'texts'")
+        if self.min_score is not None and self.min_precision is not None:
+            raise PydanticCustomError("min_score_or_min_precision", "give at most one of 'min_score' or "
+                                      "'min_precision'")
         return self
 
 
@@ -110,14 +118,23 @@ def check_text(text: str, limits: Limits) -> None:
         raise PydanticCustomError(*problem)
 
 
+def no_threshold_for(precision: float, available: list[float]) -> ServiceError:
+    have = ", ".join(f"{p:g}" for p in available) or "none (its manifest has no selective thresholds)"
+    return ServiceError(422, "invalid_request", "the request does not match the schema", [
+        {"loc": ["min_precision"], "type": "min_precision_unavailable",
+         "msg": f"no threshold of this model version reaches precision {precision:g}; it has: {have}"}])
+
+
 def top_k_out_of_range(num_classes: int) -> ServiceError:
     return ServiceError(422, "invalid_request", "the request does not match the schema", [
         {"loc": ["top_k"], "type": "top_k_out_of_range", "msg": f"top_k must be between 1 and {num_classes}"}])
 
 
 class Prediction(BaseModel):
-    label: str = Field(description="the most likely class")
-    score: float = Field(description="its probability")
+    label: str | None = Field(description="the most likely class; null when the service abstained")
+    score: float = Field(description="the most likely class's probability")
+    abstained: bool = Field(description="the score was below the request's min_score (or min_precision's "
+                            "threshold, or SCS_MIN_SCORE): no class is claimed; probabilities are still listed")
     probabilities: dict[str, float] = Field(description="the top_k classes and their probabilities, most likely first")
     truncated: bool = Field(description="the text had more tokens than the model's max_length and was cut")
 
@@ -129,7 +146,7 @@ class ClassifyResponse(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
         "model": "banking77", "version": "1",
-        "predictions": [{"label": "card_arrival", "score": 0.93, "truncated": False,
+        "predictions": [{"label": "card_arrival", "score": 0.93, "truncated": False, "abstained": False,
                          "probabilities": {"card_arrival": 0.93, "card_delivery_estimate": 0.05,
                                            "lost_or_stolen_card": 0.01}}],
     }]})

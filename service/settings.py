@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     max_texts: int = Field(64, ge=1, description="most texts in one request (more: 422)")
     max_body_bytes: int = Field(1_048_576, ge=64, description="largest request body (larger: 413, refused before parsing)")
     default_top_k: int = Field(5, ge=1, description="classes listed per prediction when the request has no top_k")
+    min_score: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below this, "
+                                    "unless the request sets min_score or min_precision (unset: never)")
+
+    # Input drift (service/drift.py)
+    drift_window: int = Field(1000, ge=10, description="served sentences each model version's drift window holds")
+    drift_alert_psi: float = Field(0.25, gt=0, description="a drift signal alerts above this population stability "
+                                   "index")
 
     # Server
     workers: int = Field(0, ge=0, le=256, description="server processes sharing the port, each a whole service with "

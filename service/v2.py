@@ -118,7 +118,8 @@ class RequestedOutput(BaseModel):
 
 class InferRequest(BaseModel):
     id: str | None = Field(None, description="echoed in the answer")
-    parameters: dict[str, Any] | None = Field(None, description='"timeout" (microseconds), "binary_data_output"')
+    parameters: dict[str, Any] | None = Field(None, description='"timeout" (microseconds), "binary_data_output", '
+                                              '"min_score" or "min_precision" (abstain: LABEL "" below it)')
     inputs: list[InputTensor] = Field(min_length=1, max_length=1, description="one tensor: TEXT")
     outputs: list[RequestedOutput] | None = Field(None, min_length=1, max_length=2, description="default: every output")
 
@@ -177,6 +178,7 @@ class InferRoute:
         settings = state.settings
         self.max_body, self.max_texts, self.max_chars = settings.max_body_bytes, settings.max_texts, settings.max_text_chars
         self.timeout_s = settings.request_timeout_s
+        self.default_min_score = settings.min_score
 
     async def __call__(self, scope, receive, send) -> None:
         headers = None
@@ -210,12 +212,30 @@ class InferRoute:
         # From here to the queue nothing awaits: the version routed to cannot leave the table in between.
         engine = self.state.repository.route(model, version)
         wanted = self._outputs(request, len(engine.labels))
+        try:
+            min_score = engine.min_score(self._fraction(request, "min_score"),
+                                         self._fraction(request, "min_precision"), self.default_min_score)
+        except ServiceError as error:
+            raise bad(error.details[0]["msg"] if error.details else error.message) from None
         stop_watching = cancel_if_client_leaves(scope, receive)
         try:
             result = await engine.classify(texts, request_id.get(), timeout_s)
         finally:
             stop_watching()
-        return self._render(request, result, wanted)
+        return self._render(request, result, wanted, min_score, engine)
+
+    @staticmethod
+    def _fraction(request: dict, name: str) -> float | None:
+        value = request["parameters"].get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 or (
+                name == "min_precision" and value == 0):
+            raise bad(f"parameters.{name} must be a number in {'(0, 1]' if name == 'min_precision' else '[0, 1]'}, "
+                      f"got {value!r}")
+        if name == "min_precision" and request["parameters"].get("min_score") is not None:
+            raise bad("give at most one of parameters.min_score or parameters.min_precision")
+        return float(value)
 
     def _split(self, scope, raw: bytes) -> tuple[dict, bytes]:
         """The JSON part (a dict) and the binary part of the body, decompressed if the client compressed it."""
@@ -330,8 +350,12 @@ class InferRoute:
             raise bad(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
         return min(self.timeout_s, timeout / 1e6)
 
-    def _render(self, request: dict, result: Classification, wanted: list[Wanted]):
+    def _render(self, request: dict, result: Classification, wanted: list[Wanted], min_score: float | None = None,
+                engine: Engine | None = None):
         count, labels = len(result.scores), result.labels
+        abstained = [] if min_score is None else [s.probabilities[s.ranked[0]] < min_score for s in result.scores]
+        if engine is not None:
+            engine.abstained(sum(abstained))
         outputs, blobs = [], []
         for output in wanted:
             if output.classes:
@@ -343,6 +367,7 @@ class InferRoute:
             else:
                 datatype, shape = "BYTES", [count]
                 values = [labels[s.ranked[0]] for s in result.scores]
+                values = [("" if no else label) for label, no in zip(values, abstained)] if abstained else values
             tensor = {"name": output.name, "datatype": datatype, "shape": shape}
             if output.binary:
                 blob = np.asarray(values, np.float32).tobytes() if datatype == "FP32" else pack_bytes(values)

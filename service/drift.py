@@ -1,0 +1,68 @@
+"""Input drift: does the traffic still look like the training data?
+
+Each engine keeps the last ``window`` served sentences' bins in four signals (``contract.drift_bins``: length,
+share of unknown tokens, predicted class, top probability) and compares each signal's distribution with the
+reference its manifest recorded at export, by the population stability index
+PSI = sum((p - q) * ln(p / q)) over the bins (both shares floored at ``FLOOR`` so an empty bin stays finite).
+A signal alerts above ``alert_psi`` (0.25 by default, the usual "significant shift" rule) once the window holds
+at least ``MIN_SENTENCES``. Cost on the hot path: one append and four counter updates per sentence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import contract
+
+FLOOR = 1e-4
+MIN_SENTENCES = 100
+
+
+class DriftMonitor:
+    def __init__(self, manifest: contract.Manifest, window: int, alert_psi: float) -> None:
+        sizes = contract.drift_sizes(manifest.num_classes)
+        reference = manifest.drift["reference"]
+        self.names = list(sizes)
+        self.reference = [[max(share, FLOOR) for share in reference[name]] for name in self.names]
+        if [len(r) for r in self.reference] != list(sizes.values()):
+            raise contract.ArtifactError("manifest.json: the drift reference does not match this service's bins")
+        self.unk_id = manifest.unk_id
+        self.window, self.alert_psi = window, alert_psi
+        self.recent: deque[tuple[int, int, int, int]] = deque()
+        self.counts = [[0] * size for size in sizes.values()]
+
+    def observe(self, ids: Sequence[Sequence[int]], classes: Sequence[int], scores: Sequence[float]) -> None:
+        recent, counts, bins = self.recent, self.counts, contract.drift_bins
+        for sentence, top, score in zip(ids, classes, scores):
+            row = bins(sentence, self.unk_id, top, score)
+            recent.append(row)
+            for signal, b in enumerate(row):
+                counts[signal][b] += 1
+            if len(recent) > self.window:
+                for signal, b in enumerate(recent.popleft()):
+                    counts[signal][b] -= 1
+
+    def psi(self, signal: int) -> float:
+        total = len(self.recent)
+        if not total:
+            return 0.0
+        value = 0.0
+        for count, q in zip(self.counts[signal], self.reference[signal]):
+            p = max(count / total, FLOOR)
+            value += (p - q) * math.log(p / q)
+        return value
+
+    def report(self) -> dict:
+        sentences = len(self.recent)
+        enough = sentences >= MIN_SENTENCES
+        signals = {}
+        for index, name in enumerate(self.names):
+            psi = self.psi(index)
+            signals[name] = {"psi": round(psi, 4), "alert": enough and psi > self.alert_psi,
+                             "window": [round(c / sentences, 4) if sentences else 0.0 for c in self.counts[index]],
+                             "reference": [round(q, 4) for q in self.reference[index]]}
+        return {"sentences": sentences, "window": self.window, "measure": "population stability index",
+                "alert_psi": self.alert_psi, "min_sentences": MIN_SENTENCES, "enough": enough,
+                "alert": any(s["alert"] for s in signals.values()), "signals": signals}
