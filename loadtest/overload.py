@@ -16,9 +16,7 @@ transport error, or recovery slower than 5 s.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import gevent
 
 from .data import percentile
 from .modes import MODES, ROOT, bodies, start_service
-from .processes import Parser, interrupt_on_signals, stop_all
+from .processes import Parser, guarded, on_the_load_core, verdict
 from .traffic import Record, Traffic, sample_rss
 
 
@@ -147,34 +145,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--env {item!r}: expected KEY=VALUE")
         env[f"SCS_{key.upper()}"] = value
     env["SCS_REQUEST_TIMEOUT_S"] = str(args.request_timeout)
-    interrupt_on_signals()
-    try:
-        os.sched_setaffinity(0, {1})
-    except (AttributeError, OSError):
-        pass
+    on_the_load_core()
     log = args.log or Path(tempfile.mkdtemp(prefix="overload-")) / "service.log"
-    try:
+
+    def measure() -> int:
         server = start_service(args.mode, args.model_dir, log, env)
         try:
             rows, figures, failures = overload(args, server)
         finally:
             server.stop()
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: stopping every process started", file=sys.stderr)
-        return 130
-    finally:
-        stop_all()
-    width = max(len(name) for name, _ in rows)
-    print(f"\n| {'overload check'.ljust(width)} | result |\n|{'-' * (width + 2)}|---|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {value} |")
-    print(json.dumps(figures))
-    print("PASS" if not failures else "FAIL: " + "; ".join(failures))
-    return 0 if not failures else 1
+        width = max(len(name) for name, _ in rows)
+        print(f"\n| {'overload check'.ljust(width)} | result |\n|{'-' * (width + 2)}|---|")
+        for name, value in rows:
+            print(f"| {name.ljust(width)} | {value} |")
+        print(json.dumps(figures))
+        return verdict(failures)
 
+    return guarded(measure)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +124,37 @@ def stop_all() -> None:
         stop(process, grace=5.0)
 
 
+def on_the_load_core() -> None:
+    """A script's own process: Ctrl-C and SIGTERM stop its children (``interrupt_on_signals``), and it runs on
+    core 1, away from the server pinned to core 0."""
+    interrupt_on_signals()
+    try:
+        os.sched_setaffinity(0, {1})
+    except (AttributeError, OSError):
+        pass
+
+
+def guarded(measure: Callable[[], int]) -> int:
+    """A script's measuring part: its exit code, 1 with a one-line error for a RuntimeError or ValueError, 130
+    when interrupted; every child process is stopped whatever happens."""
+    try:
+        return measure()
+    except (RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process started", file=sys.stderr)
+        return 130
+    finally:
+        stop_all()
+
+
+def verdict(problems: list[str]) -> int:
+    """Print PASS or what failed; the exit code."""
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 1 if problems else 0
+
+
 def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
     """Wait for a child that ends by itself: (exit code, its output, CPU seconds per second it was alive).
 
@@ -159,6 +192,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
     cwd: Path | None = None
+    pausable: bool = True  # False: ``pause`` leaves it running (frozen, it would crash)
     process: subprocess.Popen | None = None
 
     @property
@@ -217,6 +251,8 @@ class Server:
     def pause(self) -> None:
         """Freeze the server and every process it started (SIGSTOP): an idle server must not take CPU from the one
         being measured (some frameworks poll their queues while idle; Triton's processes leave its group)."""
+        if not self.pausable:
+            return
         for proc in self._tree():
             try:
                 proc.suspend()

@@ -12,9 +12,7 @@ seconds. Prints a row per mode and a verdict; exits 1 when a bar fails.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ import gevent
 
 from .data import percentile
 from .modes import MODES, ROOT, bodies, parse_modes, start_service
-from .processes import Parser, interrupt_on_signals, stop_all
+from .processes import Parser, guarded, on_the_load_core, verdict
 from .traffic import Traffic, sample_rss
 
 
@@ -80,14 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be >= 3 and --clients >= 1")
     if not args.model_dir.is_dir() or not args.data.is_file():
         parser.error(f"no such model folder or data file: {args.model_dir}, {args.data}")
-    interrupt_on_signals()
-    try:
-        os.sched_setaffinity(0, {1})
-    except (AttributeError, OSError):
-        pass
+    on_the_load_core()
     log = args.log or Path(tempfile.mkdtemp(prefix="soak-")) / "service.log"
     results = []
-    try:
+
+    def measure() -> int:
         for mode in modes:
             result = soak(mode, args, log)
             results.append(result)
@@ -95,19 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['rss_start_mb']:.1f} -> {result['rss_end_mb']:.1f} MB ({result['rss_growth_mb']:+.2f}), "
                   f"p99 first/last {result['window_s']:g} s {result['p99_first_ms']:.1f} / "
                   f"{result['p99_last_ms']:.1f} ms: " + ("PASS" if not result["failures"] else "FAIL"), flush=True)
-    except (RuntimeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: stopping every process started", file=sys.stderr)
-        return 130
-    finally:
-        stop_all()
-    print(json.dumps({"seconds": args.seconds, "clients": args.clients, "results": results}))
-    failures = [f"{r['mode']}: {f}" for r in results for f in r["failures"]]
-    print("PASS" if not failures else "FAIL: " + "; ".join(failures))
-    return 1 if failures else 0
+        print(json.dumps({"seconds": args.seconds, "clients": args.clients, "results": results}))
+        return verdict([f"{r['mode']}: {f}" for r in results for f in r["failures"]])
 
+    return guarded(measure)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,6 @@ counted. Prints p99 latency overall and in the 3 s around each swap; exits 1 whe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 import contract
 
 from .data import metric, percentile, read_sentences, request_bodies, scrape
-from .processes import Parser, Server, free_port, interrupt_on_signals, stop_all
+from .processes import Parser, Server, free_port, guarded, on_the_load_core, verdict
 from .traffic import Traffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,16 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if old.labels != new.labels:
         parser.error("--old and --new must have the same labels (versions of one model)")
-    interrupt_on_signals()
-    try:
-        os.sched_setaffinity(0, {1})
-    except (AttributeError, OSError):
-        pass
+    on_the_load_core()
     bodies = request_bodies(sentences, texts=4, count=200)
     reference = {"1": expected(args.old, bodies), "2": expected(args.new, bodies), "labels": old.labels}
     log = args.log or Path(tempfile.mkdtemp(prefix="swap-")) / "service.log"
     results = []
-    try:
+
+    def measure() -> int:
         for mode in phases:
             result = phase(mode, args, reference, bodies, log)
             results.append(result)
@@ -179,19 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['answers_by_version']}, p99 {result['p99_ms']:.1f} ms, around the swaps "
                   + ", ".join(f"{k}: {v:.1f} ms" for k, v in result["p99_around_swap_ms"].items())
                   + (": PASS" if not result["problems"] else ": FAIL"), flush=True)
-    except KeyboardInterrupt:
-        print("interrupted: stopping every process started", file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        stop_all()
-    print(json.dumps({"seconds": args.seconds, "clients": args.clients, "results": results}))
-    problems = [f"{r['mode']}: {p}" for r in results for p in r["problems"]]
-    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
-    return 1 if problems else 0
+        print(json.dumps({"seconds": args.seconds, "clients": args.clients, "results": results}))
+        return verdict([f"{r['mode']}: {p}" for r in results for p in r["problems"]])
 
+    return guarded(measure)
 
 if __name__ == "__main__":
     sys.exit(main())
