@@ -59,6 +59,7 @@ class Config:
     cores: str | None = None  # pinned to these cores instead of the server core
     ready_path: str = "/readyz"
     peer: bool = False
+    pausable: bool = True
 
 
 KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", *PEERS)
@@ -98,7 +99,8 @@ def configs(model_dir: Path, port_of, reference: Path | None = None,
     } | {name: Config(name, peer.title, [str(peer_python.get(name, python)), str(peer.script), *model, "--port",
                                           str(port_of(name))], {}, protocol=peer.protocol,
                       path="/classify" if peer.protocol == "classify" else f"/v2/models/{model_name(model_dir)}/infer",
-                      ready_path=peer.ready_path.format(model=model_name(model_dir)), peer=True)
+                      ready_path=peer.ready_path.format(model=model_name(model_dir)), peer=True,
+                      pausable=peer.pausable)
          for name, peer in PEERS.items()}
 
 
@@ -234,7 +236,7 @@ def run(args, run_data: dict, log_dir: Path) -> None:
     servers: dict[str, Server] = {}
     for config in chosen:
         server = Server(config.name, config.argv, ports[config.name], config.env, ready_path=config.ready_path,
-                        cwd=config.cwd)
+                        cwd=config.cwd, pausable=config.pausable)
         shown = ["PORT" if arg == str(ports[config.name]) else arg for arg in config.argv[1:]]
         run_data["commands"][config.name] = " ".join([f"{k}={v}" for k, v in config.env.items()]
                                                      + ["python", *shown]).replace(str(ROOT) + "/", "")

@@ -99,8 +99,13 @@ def bars(run: dict) -> list[dict]:
         bar("one worker per core >= 1.8x one worker on one core (sentences/s at peak; meant for 64-text requests)",
             f"{scale:.2f}x ({every['sentences_per_s']:,.0f} / {one['sentences_per_s']:,.0f}; "
             f"{run['meta'].get('mix', '')})", scale >= 1.8)
-    errors = sum(p["errors"] for p in points)
-    bar("no errors in any point", f"{errors} errors", errors == 0)
+    # Open-loop rates above a configuration's closed-loop peak overload it on purpose: its unanswered requests
+    # there are the finding the open-loop table shows, not errors of the run.
+    peaks = {config: peak(points, config)["rps"] for config in {p["config"] for p in points} if peak(points, config)}
+    counted = [p for p in points if p["mode"] == "closed" or p["load"] < peaks.get(p["config"], 0)]
+    errors = sum(p["errors"] for p in counted)
+    bar("no errors in any closed-loop point, nor at open-loop rates below a configuration's peak",
+        f"{errors} errors", errors == 0)
     return rows
 
 
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args[0])
     try:
         run = json.loads(source.read_text(encoding="utf-8"))
+        run["bars"] = bars(run)
         plot(run, source.with_name("bench.png"))
         source.with_name("bench.md").write_text(markdown(run, "bench.png"), encoding="utf-8")
     except (ValueError, KeyError, TypeError) as error:

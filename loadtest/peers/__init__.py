@@ -30,6 +30,10 @@ class Peer:
     script: Path
     protocol: str  # the request bodies it takes: "classify" or "v2"
     ready_path: str  # "{model}" stands for the model's name
+    # False: left running between its points. Triton's Python backend crashed (segfault in
+    # TRITONBACKEND_ModelInstanceExecute, then boost::interprocess::lock_exception) in a run where it was frozen
+    # (SIGSTOP) and resumed between points, so it is not frozen.
+    pausable: bool = True
 
 
 PEERS = {
@@ -38,7 +42,7 @@ PEERS = {
                      HERE / "litserve_app.py", "classify", "/health"),
     "pytriton": Peer("pytriton", "PyTriton 0.7.0 (Triton, dynamic batching up to 64)",
                      ["nvidia-pytriton==0.7.0", "numpy<2", *CONTRACT_DEPS], HERE / "pytriton_app.py", "v2",
-                     "/v2/models/{model}/ready"),
+                     "/v2/models/{model}/ready", pausable=False),
 }
 
 
