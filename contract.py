@@ -225,6 +225,10 @@ def inputs(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndar
 
 # --- checking a folder --------------------------------------------------------------------------------------------
 
+# The precisions whose max-probability thresholds the exporter stores (manifest ``selective``), so the service
+# can map a request's ``min_precision`` to a threshold.
+SELECTIVE_PRECISIONS = (0.90, 0.95, 0.99)
+
 # Input drift: four signals per sentence, each binned the same way at export (the reference, from the training
 # data) and in the service (a rolling window of served sentences).
 DRIFT_LENGTH_EDGES = (2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48)  # tokens; bins [1, 2), [2, 4), ..., [48, inf)

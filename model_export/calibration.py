@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract import SELECTIVE_PRECISIONS
+
 ECE_BINS = 15
-TARGET_PRECISIONS = (0.90, 0.95, 0.99)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -84,7 +85,7 @@ def coverage_curve(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.n
 
 
 def thresholds(probabilities: np.ndarray, targets: np.ndarray,
-               precisions: tuple[float, ...] = TARGET_PRECISIONS) -> list[dict]:
+               precisions: tuple[float, ...] = SELECTIVE_PRECISIONS) -> list[dict]:
     """For each target precision, the lowest max-probability threshold whose answered predictions reach it
     (the widest coverage that does), with that coverage; None when no threshold reaches it."""
     threshold, coverage, precision = coverage_curve(probabilities, targets)

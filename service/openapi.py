@@ -116,6 +116,10 @@ def _limits(schema: dict, max_text_chars: int, max_texts: int, num_classes: int)
         {"required": ["text"], "properties": {"text": {"type": "string"}}},
         {"required": ["texts"], "properties": {"texts": {"type": "array"}}},
     ]
+    request["not"] = {  # at most one threshold given and not null
+        "required": ["min_score", "min_precision"],
+        "properties": {"min_score": {"type": "number"}, "min_precision": {"type": "number"}},
+    }
 
 
 def _shapes(schema: dict) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from contract import SELECTIVE_PRECISIONS
+
 from .errors import ServiceError
 
 # C0 controls except tab, newline and carriage return; DEL; C1 controls.
@@ -45,9 +47,11 @@ class ClassifyRequest(BaseModel):
     version: str | None = Field(None, description="which of its served versions (default: the newest served)")
     min_score: float | None = Field(None, ge=0, le=1, description="abstain (`abstained: true`, `label: null`) "
                                     "when the most likely class's probability is below this (default: SCS_MIN_SCORE)")
-    min_precision: float | None = Field(None, gt=0, le=1, description="abstain below the threshold that reached "
-                                        "this precision on the model's validation split (the manifest's "
-                                        "`selective` thresholds: the nearest stored precision at or above it)")
+    min_precision: float | None = Field(None, gt=0, le=max(SELECTIVE_PRECISIONS), description="abstain below the "
+                                        "threshold that reached this precision on the model's validation split (the "
+                                        "manifest's `selective` thresholds, for "
+                                        + ", ".join(map(str, SELECTIVE_PRECISIONS)) + ": the nearest one at or above "
+                                        "it; 422 if this model version has none that high)")
 
     @field_validator("text")
     @classmethod

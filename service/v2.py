@@ -26,6 +26,8 @@ import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract import SELECTIVE_PRECISIONS
+
 from .asgi import ClientGone, cancel_if_client_leaves, read_body, respond
 from .engine import Classification, Engine
 from .errors import ServiceError, new_error_id
@@ -229,10 +231,11 @@ class InferRoute:
         value = request["parameters"].get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 or (
+        top = max(SELECTIVE_PRECISIONS) if name == "min_precision" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top or (
                 name == "min_precision" and value == 0):
-            raise bad(f"parameters.{name} must be a number in {'(0, 1]' if name == 'min_precision' else '[0, 1]'}, "
-                      f"got {value!r}")
+            raise bad(f"parameters.{name} must be a number in {f'(0, {top}]' if name == 'min_precision' else '[0, 1]'}"
+                      f", got {value!r}")
         if name == "min_precision" and request["parameters"].get("min_score") is not None:
             raise bad("give at most one of parameters.min_score or parameters.min_precision")
         return float(value)

@@ -127,7 +127,7 @@ def test_min_precision_uses_the_threshold_chosen_on_validation(service):
 
 
 @pytest.mark.parametrize("body, problem", [
-    ({"min_precision": 0.995}, "min_precision_unavailable"),
+    ({"min_precision": 0.995}, "less_than_equal"),  # above the highest precision the exporter stores
     ({"min_score": 0.5, "min_precision": 0.9}, "min_score_or_min_precision"),
     ({"min_score": 1.5}, "less_than_equal"),
     ({"min_precision": 0}, "greater_than"),
@@ -136,6 +136,17 @@ def test_min_precision_uses_the_threshold_chosen_on_validation(service):
 def test_bad_thresholds_are_422_naming_the_problem(service, body, problem):
     assert_error(classify(service, **body), 422, "invalid_request")
     assert problem in {d["type"] for d in classify(service, **body).json()["error"]["details"]}
+
+
+def test_a_version_without_thresholds_refuses_min_precision_naming_it(service_factory, artifact_copy):
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    manifest["selective"] = {}  # as an artifact exported before thresholds existed
+    (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
+    svc = service_factory(artifact_copy)
+    refused = assert_error(classify(svc, min_precision=0.9), 422, "invalid_request")
+    assert [d["type"] for d in refused["details"]] == ["min_precision_unavailable"]
+    assert "has: none" in refused["details"][0]["msg"]
+    assert classify(svc, min_score=0.5).status_code == 200
 
 
 def test_the_default_threshold_comes_from_settings(service_factory, test_artifact):
@@ -152,7 +163,7 @@ def test_v2_abstains_with_an_empty_label(service):
     assert answer["outputs"][0]["data"] == [""] * len(TEXTS)
     body["parameters"] = {"min_precision": 0.999}
     refused = httpx.post(url, json=body, timeout=30)
-    assert refused.status_code == 400 and "no threshold" in refused.json()["error"]
+    assert refused.status_code == 400 and "min_precision must be a number in (0, 0.99]" in refused.json()["error"]
 
 
 HELD_OUT = ["Refund_not_showing_up", "beneficiary_not_allowed", "card_payment_fee_charged", "contactless_not_working",
