@@ -1,5 +1,6 @@
-"""The engine: one served model version behind one method. Routes call ``Engine.classify`` and nothing else of
-the core; the engine owns the tokenizer, the batch queue and the onnxruntime session.
+"""The engine: one served model version behind one method. Routes call ``Engine.classify`` (and, for abstention,
+``min_score`` and ``abstained``) and nothing else of the core; the engine owns the tokenizer, the batch queue, the
+onnxruntime session and the drift window.
 
 A request's sentences are encoded here, on the event loop (the batcher needs their token lengths to group
 them), queued as one job, run in length-grouped batches on the model thread, and come back as one

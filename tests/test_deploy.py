@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -230,3 +231,47 @@ def test_the_inference_service_names_the_runtime_and_the_v2_protocol() -> None:
         assert spec[probe]["httpGet"]["port"] == port["name"] and spec[probe]["httpGet"]["path"] in OPEN_PATHS
     assert spec["image"].split(":")[0] == container()["image"]
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+MONITORING = ROOT / "deploy" / "monitoring"
+
+
+def exported_families(url: str) -> set[str]:
+    """Metric family names a running service exports (from its HELP lines: present before any sample is)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {family(line.split()[2]) for line in text.splitlines() if line.startswith("# HELP ")}
+
+
+def family(series: str) -> str:
+    return re.sub(r"_(bucket|sum|count|total)$", "", series)
+
+
+def queried(expressions: list[str]) -> set[str]:
+    return {family(name) for expr in expressions for name in re.findall(r"\bscs_[a-z_]+", expr)}
+
+
+def test_the_dashboard_queries_only_metrics_the_service_exports(service):
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    expressions += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert len(dashboard["panels"]) >= 10 and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    httpx.post(f"{service.url}/classify", json={"text": "my card was stolen"}, timeout=30).raise_for_status()
+    missing = queried(expressions) - exported_families(service.url)
+    assert not missing, f"the dashboard queries metrics the service does not export: {missing}"
+    wanted = {"scs_requests", "scs_request_duration_seconds", "scs_queue_wait_seconds", "scs_batch_size_sentences",
+              "scs_padded_tokens", "scs_model_run_seconds", "scs_queue_depth", "scs_rejections"}
+    assert wanted <= queried(expressions), wanted - queried(expressions)
+
+
+def test_the_alert_rules_are_well_formed_and_name_real_metrics(service):
+    rules = yaml.safe_load((MONITORING / "alert-rules.yaml").read_text())
+    [group] = rules["groups"]
+    names = [rule["alert"] for rule in group["rules"]]
+    assert len(names) == len(set(names)) >= 5
+    for rule in group["rules"]:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"], rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+    missing = queried([rule["expr"] for rule in group["rules"]]) - exported_families(service.url)
+    assert not missing, f"alert rules name metrics the service does not export: {missing}"
