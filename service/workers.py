@@ -101,8 +101,10 @@ def supervise(settings, workers: int) -> int:
         while any(process.is_alive() for process in processes):
             for process in processes:
                 if process.exitcode is not None and not signals and code == 0:
-                    # a worker stopped without being asked: it failed; take the service down with its code
-                    code = process.exitcode if process.exitcode > 0 else 128 - process.exitcode
+                    # a worker stopped without being asked: take the service down with its code (a signal N:
+                    # 128 + N; a clean exit nobody asked the supervisor for: 3, "failed while running")
+                    code = (process.exitcode if process.exitcode > 0 else 128 - process.exitcode if process.exitcode
+                            else 3)
                     log.error("worker %s exited with %s: stopping the others", process.name, process.exitcode)
                     forward(signal.SIGTERM, None)
             time.sleep(0.1)

@@ -84,6 +84,17 @@ def test_a_worker_that_dies_takes_the_service_down(service_factory, test_artifac
     assert "exited with -9: stopping the others" in svc.log.read_text()
 
 
+@pytest.mark.slow
+def test_a_worker_stopped_behind_the_supervisors_back_exits_3(service_factory, test_artifact):
+    """SIGTERM sent to one worker: it drains and exits 0, but the service is no longer whole, so the supervisor
+    stops the other and exits 3 (restart me), not 0 and not a made-up 128."""
+    svc = service_factory(test_artifact.parent, WORKERS=2)
+    first, _ = workers_of(svc)
+    first.send_signal(signal.SIGTERM)
+    assert svc.process.wait(60) == 3, svc.log.read_text()[-2000:]
+    assert "exited with 0: stopping the others" in svc.log.read_text()
+
+
 def test_a_broken_model_is_one_line_with_several_workers(artifact_copy):
     break_it, says = BROKEN_ARTIFACTS["labels.json not a list"]
     break_it(artifact_copy)
