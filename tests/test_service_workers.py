@@ -90,6 +90,9 @@ def test_a_worker_stopped_behind_the_supervisors_back_exits_3(service_factory, t
     stops the other and exits 3 (restart me), not 0 and not a made-up 128."""
     svc = service_factory(test_artifact.parent, WORKERS=2)
     first, _ = workers_of(svc)
+    deadline = time.monotonic() + 30  # both serving, signal handlers installed (/readyz answered from either)
+    while svc.log.read_text().count("Application startup complete") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     assert svc.process.wait(60) == 3, svc.log.read_text()[-2000:]
     assert "exited with 0: stopping the others" in svc.log.read_text()
