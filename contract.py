@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -239,8 +240,9 @@ DRIFT_SCORE_BINS = 10  # top probability, equal-width bins over [0, 1]
 def drift_bins(ids: Sequence[int], unk_id: int, top_class: int, top_score: float) -> tuple[int, int, int, int]:
     """The bin of one sentence in each drift signal: (length, unknown-token share, predicted class, top score)."""
     length = bisect.bisect_right(DRIFT_LENGTH_EDGES, len(ids))
-    unknown = bisect.bisect_right(DRIFT_UNKNOWN_EDGES, ids.count(unk_id) / len(ids))
-    return length, unknown, top_class, min(int(top_score * DRIFT_SCORE_BINS), DRIFT_SCORE_BINS - 1)
+    unknown = bisect.bisect_right(DRIFT_UNKNOWN_EDGES, ids.count(unk_id) / (len(ids) or 1))
+    score = top_score if math.isfinite(top_score) else 0.0
+    return length, unknown, top_class, min(max(int(score * DRIFT_SCORE_BINS), 0), DRIFT_SCORE_BINS - 1)
 
 
 def drift_sizes(num_classes: int) -> dict[str, int]:

@@ -79,7 +79,7 @@ def choose(oos_probabilities: np.ndarray, target_recall: float) -> float:
     (the lowest keeps the most in-scope answers, since in-scope accuracy only falls as the threshold rises)."""
     confidence = np.sort(oos_probabilities.max(axis=1))
     needed = int(np.ceil(target_recall * len(confidence)))
-    return float(np.nextafter(confidence[needed - 1], np.inf))
+    return float(min(np.nextafter(confidence[needed - 1], np.inf), 1.0))  # a probability: never above 1
 
 
 def curve(in_probabilities: np.ndarray, in_targets: np.ndarray, oos_probabilities: np.ndarray,

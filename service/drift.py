@@ -5,7 +5,7 @@ share of unknown tokens, predicted class, top probability) and compares each sig
 reference its manifest recorded at export, by the population stability index
 PSI = sum((p - q) * ln(p / q)) over the bins (both shares floored at ``FLOOR`` so an empty bin stays finite).
 A signal alerts above ``alert_psi`` (0.25 by default, the usual "significant shift" rule) once the window holds
-at least ``MIN_SENTENCES``. Cost on the hot path: one append and four counter updates per sentence.
+at least ``MIN_SENTENCES`` (or is full, when smaller); until then ``scs_drift_psi`` shows 0. Cost on the hot path: one append and four counter updates per sentence.
 """
 
 from __future__ import annotations
@@ -23,11 +23,18 @@ MIN_SENTENCES = 100
 class DriftMonitor:
     def __init__(self, manifest: contract.Manifest, window: int, alert_psi: float) -> None:
         sizes = contract.drift_sizes(manifest.num_classes)
-        reference = manifest.drift["reference"]
         self.names = list(sizes)
-        self.reference = [[max(share, FLOOR) for share in reference[name]] for name in self.names]
-        if [len(r) for r in self.reference] != list(sizes.values()):
-            raise contract.ArtifactError("manifest.json: the drift reference does not match this service's bins")
+        self.reference = []
+        for name, size in sizes.items():
+            try:
+                shares = [float(share) for share in manifest.drift["reference"][name]]
+            except (KeyError, TypeError, ValueError):
+                raise contract.ArtifactError(f"manifest.json: drift.reference.{name} is missing or not a list of "
+                                             "numbers") from None
+            if len(shares) != size or not all(math.isfinite(q) and 0 <= q <= 1 for q in shares):
+                raise contract.ArtifactError(f"manifest.json: drift.reference.{name} must hold {size} shares in "
+                                             f"[0, 1], one per bin (has {len(shares)})")
+            self.reference.append([max(share, FLOOR) for share in shares])
         self.unk_id = manifest.unk_id
         self.window, self.alert_psi = window, alert_psi
         self.recent: deque[tuple[int, int, int, int]] = deque()
@@ -44,6 +51,15 @@ class DriftMonitor:
                 for signal, b in enumerate(recent.popleft()):
                     counts[signal][b] -= 1
 
+    @property
+    def enough(self) -> bool:
+        """The window holds enough sentences for its shares to mean something (or is full, if it is smaller)."""
+        return len(self.recent) >= min(MIN_SENTENCES, self.window)
+
+    def gauge(self, signal: int) -> float:
+        """What ``scs_drift_psi`` shows: the PSI once the window holds enough sentences, 0 before."""
+        return self.psi(signal) if self.enough else 0.0
+
     def psi(self, signal: int) -> float:
         total = len(self.recent)
         if not total:
@@ -55,8 +71,7 @@ class DriftMonitor:
         return value
 
     def report(self) -> dict:
-        sentences = len(self.recent)
-        enough = sentences >= MIN_SENTENCES
+        sentences, enough = len(self.recent), self.enough
         signals = {}
         for index, name in enumerate(self.names):
             psi = self.psi(index)

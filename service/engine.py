@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import contract
+
 from .batcher import Batcher, BatchLimits
 from .drift import DriftMonitor
 from .metrics import Metrics, ModelMetrics
@@ -37,6 +39,25 @@ class Classification:
     truncated: list[bool]
 
 
+def fraction(value, where: str) -> float | None:
+    """A manifest threshold: None, or a number in [0, 1]; else the version is refused naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise contract.ArtifactError(f"manifest.json: {where} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def thresholds(manifest: contract.Manifest) -> list[tuple[float, float]]:
+    """The manifest's (precision, min_score) pairs, by precision; rows no threshold reached are left out."""
+    rows = manifest.selective.get("thresholds", []) if isinstance(manifest.selective, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise contract.ArtifactError("manifest.json: selective.thresholds must be a list of objects")
+    pairs = [(fraction(row.get("precision"), "selective.thresholds[].precision"),
+              fraction(row.get("min_score"), "selective.thresholds[].min_score")) for row in rows]
+    return sorted((p, score) for p, score in pairs if p is not None and score is not None)
+
+
 class Engine:
     def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
                  executor: ThreadPoolExecutor | None = None, drift_window: int = 1000,
@@ -45,21 +66,19 @@ class Engine:
         self.runtime = runtime
         self.manifest = artifact.manifest
         self.name, self.version, self.labels = name, artifact.version, artifact.labels
+        # What the manifest says about confidence, checked before any metrics series exists (a refused version
+        # must leave none behind): (precision, min_score) pairs reached on validation (model_export/calibration.py),
+        # the out-of-scope threshold this model abstains below unless told otherwise, the drift reference.
+        self.thresholds = thresholds(self.manifest)
+        self.open_set_min_score = fraction(self.manifest.open_set.get("min_score"), "open_set.min_score")
+        self.drift = DriftMonitor(self.manifest, drift_window, drift_alert_psi) if self.manifest.drift else None
         self.metrics: ModelMetrics | None = (metrics.for_model(name, self.version, runtime.provider,
                                                                lambda: self.queue_depth) if metrics else None)
+        if self.drift is not None and self.metrics is not None:
+            self.metrics.watch_drift(self.drift)
         self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor)
         self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
-        # (precision, min_score) reached on validation, from the manifest (model_export/calibration.py)
-        self.thresholds = sorted((row["precision"], row["min_score"])
-                                 for row in self.manifest.selective.get("thresholds", [])
-                                 if row.get("min_score") is not None)
-        # A model exported with out-of-scope data abstains below its own threshold unless told otherwise.
-        self.open_set_min_score: float | None = self.manifest.open_set.get("min_score")
         self._encode = artifact.encoder.encode
-        # Artifacts exported before drift references carry none: no monitor then.
-        self.drift = DriftMonitor(self.manifest, drift_window, drift_alert_psi) if self.manifest.drift else None
-        if self.drift is not None and metrics is not None:
-            self.metrics.watch_drift(self.drift)
 
     @property
     def provider(self) -> str:

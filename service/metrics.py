@@ -144,7 +144,7 @@ class ModelMetrics:
         """``scs_drift_psi`` per signal reads the monitor (at scrape time)."""
         for index, name in enumerate(monitor.names):
             self._drift[name] = gauge = self.metrics.drift_psi.labels(self.model, self.version, name)
-            self.metrics.bind(gauge, lambda index=index: monitor.psi(index))
+            self.metrics.bind(gauge, lambda index=index: monitor.gauge(index))
 
     def memory(self, grown_bytes: int) -> None:
         self.metrics.model_memory.labels(self.model, self.version).set(grown_bytes)

@@ -46,7 +46,8 @@ class ClassifyRequest(BaseModel):
     model: str | None = Field(None, description="which model of the repository (default: the default model)")
     version: str | None = Field(None, description="which of its served versions (default: the newest served)")
     min_score: float | None = Field(None, ge=0, le=1, description="abstain (`abstained: true`, `label: null`) "
-                                    "when the most likely class's probability is below this (default: SCS_MIN_SCORE)")
+                                    "when the most likely class's probability is below this (default: SCS_MIN_SCORE, "
+                                    "else the model's own out-of-scope threshold if it has one; 0: never abstain)")
     min_precision: float | None = Field(None, gt=0, le=max(SELECTIVE_PRECISIONS), description="abstain below the "
                                         "threshold that reached this precision on the model's validation split (the "
                                         "manifest's `selective` thresholds, for "

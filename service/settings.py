@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=64, description="largest request body (larger: 413, refused before parsing)")
     default_top_k: int = Field(5, ge=1, description="classes listed per prediction when the request has no top_k")
     min_score: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below this, "
-                                    "unless the request sets min_score or min_precision (unset: never)")
+                                    "unless the request sets min_score or min_precision (unset: the model's own "
+                                    "out-of-scope threshold if it was exported with one, else never)")
 
     # Input drift (service/drift.py)
     drift_window: int = Field(1000, ge=10, description="served sentences each model version's drift window holds")

@@ -214,9 +214,12 @@ class InferRoute:
         # From here to the queue nothing awaits: the version routed to cannot leave the table in between.
         engine = self.state.repository.route(model, version)
         wanted = self._outputs(request, len(engine.labels))
+        asked = self._fraction(request, "min_score"), self._fraction(request, "min_precision")
+        if any(value is not None for value in asked) and any(o.classes for o in wanted):
+            raise bad("parameters.min_score and min_precision do not apply to the classification extension "
+                      "(its 'score:index:label' strings have no way to abstain): ask for LABEL without it")
         try:
-            min_score = engine.min_score(self._fraction(request, "min_score"),
-                                         self._fraction(request, "min_precision"), self.default_min_score)
+            min_score = engine.min_score(*asked, self.default_min_score)
         except ServiceError as error:
             raise bad(error.details[0]["msg"] if error.details else error.message) from None
         stop_watching = cancel_if_client_leaves(scope, receive)
@@ -357,8 +360,8 @@ class InferRoute:
                 engine: Engine | None = None):
         count, labels = len(result.scores), result.labels
         abstained = [] if min_score is None else [s.probabilities[s.ranked[0]] < min_score for s in result.scores]
-        if engine is not None:
-            engine.abstained(sum(abstained))
+        if engine is not None and any(o.name == LABEL and not o.classes for o in wanted):
+            engine.abstained(sum(abstained))  # counted where the answer shows it: an empty LABEL
         outputs, blobs = [], []
         for output in wanted:
             if output.classes:

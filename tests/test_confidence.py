@@ -264,3 +264,37 @@ def test_drift_stays_quiet_on_test_traffic_and_alerts_on_another_domain(service_
 
 def test_drift_of_an_unknown_model_is_404(service):
     assert httpx.get(f"{service.url}/v1/models/nobody/drift", timeout=10).status_code == 404
+
+
+def test_drift_bins_take_any_sentence_and_any_score():
+    import contract
+
+    sizes = list(contract.drift_sizes(5).values())
+    for ids, score in (([], 0.5), ([3], float("nan")), ([3, 3], float("inf")), ([1], -0.5), ([1] * 200, 1.0)):
+        bins = contract.drift_bins(ids, 3, 4, score)
+        assert all(0 <= b < size for b, size in zip(bins, sizes)), (ids, score, bins)
+
+
+def test_a_broken_drift_reference_refuses_the_version_naming_the_field_and_the_gauge_waits_for_data():
+    import contract
+    from service.drift import DriftMonitor
+
+    manifest = contract.read_manifest(TEST_ARTIFACT)
+    for broken, says in (({"rows": 1}, "drift.reference.length is missing"),
+                         ({"reference": manifest.drift["reference"] | {"top_score": [0.5] * 3}}, "must hold 10 shares"),
+                         ({"reference": manifest.drift["reference"] | {"length": None}}, "not a list of numbers")):
+        with pytest.raises(contract.ArtifactError, match=says):
+            DriftMonitor(manifest.model_copy(update={"drift": broken}), 1000, 0.25)
+    monitor = DriftMonitor(manifest, 1000, 0.25)
+    monitor.observe([[5] * 8], [0], [0.99])
+    assert monitor.psi(0) > 1 and monitor.gauge(0) == 0.0  # one sentence: a huge PSI that means nothing yet
+    small = DriftMonitor(manifest, 20, 0.25)
+    small.observe([[5] * 8] * 20, [0] * 20, [0.99] * 20)
+    assert small.enough and small.gauge(0) == small.psi(0)  # a window smaller than 100 counts once it is full
+
+
+def test_v2_refuses_a_threshold_with_the_classification_extension(service):
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [TEXT]}],
+            "outputs": [{"name": "LABEL", "parameters": {"classification": 1}}], "parameters": {"min_score": 0.5}}
+    refused = httpx.post(f"{service.url}/v2/models/test-model/infer", json=body, timeout=30)
+    assert refused.status_code == 400 and "classification extension" in refused.json()["error"]
