@@ -33,7 +33,7 @@ import numpy as np
 import contract
 
 from .data import read_sentences, request_bodies
-from .processes import Parser, Server, free_port, interrupt_on_signals, stop_all
+from .processes import Parser, Server, free_port, guarded, interrupt_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = "CUDAExecutionProvider"
@@ -273,26 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = {"provider_asked": args.provider, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "machine": machine(), "model": {}, "http": {}, "scaling": {}}
-    try:
+
+    def measure() -> int:
         results["model"] = model_checks(args, texts)
         print(f"model: {json.dumps(results['model'])}", flush=True)
         results["http"] = http_checks(args, texts, args.out)
         results["scaling"] = scaling(args, texts, args.out) if args.workers else {}
-    except KeyboardInterrupt:
-        print("interrupted: stopping every process started", file=sys.stderr)
-        return 130
-    except (RuntimeError, contract.ArtifactError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        stop_all()
-    results["problems"] = verdict(results, args)
-    results["best_batching"] = best_batching(results["http"])
-    results["seconds"] = round(time.time() - started)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "report.md").write_text(report(results))
-    print(report(results))
-    return 1 if results["problems"] else 0
+        results["problems"] = verdict(results, args)
+        results["best_batching"] = best_batching(results["http"])
+        results["seconds"] = round(time.time() - started)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "report.md").write_text(report(results))
+        print(report(results))
+        return 1 if results["problems"] else 0
+
+    return guarded(measure, (contract.ArtifactError,))
 
 
 if __name__ == "__main__":

@@ -134,12 +134,12 @@ def on_the_load_core() -> None:
         pass
 
 
-def guarded(measure: Callable[[], int]) -> int:
-    """A script's measuring part: its exit code, 1 with a one-line error for a RuntimeError or ValueError, 130
-    when interrupted; every child process is stopped whatever happens."""
+def guarded(measure: Callable[[], int], errors: tuple[type[Exception], ...] = ()) -> int:
+    """A script's measuring part: its exit code, 1 with a one-line error for a RuntimeError, a ValueError or one
+    of ``errors``, 130 when interrupted; every child process is stopped whatever happens."""
     try:
         return measure()
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, *errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,8 +22,8 @@ import contract
 from .batcher import Batcher, BatchLimits
 from .drift import DriftMonitor
 from .metrics import Metrics, ModelMetrics
+from .errors import no_threshold_for
 from .runtime import Runtime, Scores
-from .schemas import no_threshold_for
 
 log = logging.getLogger("service.engine")
 

@@ -90,3 +90,10 @@ def unauthorized() -> ServiceError:
 
 def not_found(what: str) -> ServiceError:
     return ServiceError(404, "not_found", what)
+
+
+def no_threshold_for(precision: float, available: list[float]) -> ServiceError:
+    have = ", ".join(f"{p:g}" for p in available) or "none (its manifest has no selective thresholds)"
+    return ServiceError(422, "invalid_request", "the request does not match the schema", [
+        {"loc": ["min_precision"], "type": "min_precision_unavailable",
+         "msg": f"no threshold of this model version reaches precision {precision:g}; it has: {have}"}])

@@ -123,13 +123,6 @@ def check_text(text: str, limits: Limits) -> None:
         raise PydanticCustomError(*problem)
 
 
-def no_threshold_for(precision: float, available: list[float]) -> ServiceError:
-    have = ", ".join(f"{p:g}" for p in available) or "none (its manifest has no selective thresholds)"
-    return ServiceError(422, "invalid_request", "the request does not match the schema", [
-        {"loc": ["min_precision"], "type": "min_precision_unavailable",
-         "msg": f"no threshold of this model version reaches precision {precision:g}; it has: {have}"}])
-
-
 def top_k_out_of_range(num_classes: int) -> ServiceError:
     return ServiceError(422, "invalid_request", "the request does not match the schema", [
         {"loc": ["top_k"], "type": "top_k_out_of_range", "msg": f"top_k must be between 1 and {num_classes}"}])

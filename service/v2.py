@@ -227,7 +227,10 @@ class InferRoute:
             result = await engine.classify(texts, request_id.get(), timeout_s)
         finally:
             stop_watching()
-        return self._render(request, result, wanted, min_score, engine)
+        abstained = [] if min_score is None else [s.probabilities[s.ranked[0]] < min_score for s in result.scores]
+        if any(o.name == LABEL and not o.classes for o in wanted):
+            engine.abstained(sum(abstained))  # counted where the answer shows it: an empty LABEL
+        return self._render(request, result, wanted, abstained)
 
     @staticmethod
     def _fraction(request: dict, name: str) -> float | None:
@@ -356,12 +359,9 @@ class InferRoute:
             raise bad(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
         return min(self.timeout_s, timeout / 1e6)
 
-    def _render(self, request: dict, result: Classification, wanted: list[Wanted], min_score: float | None = None,
-                engine: Engine | None = None):
+    def _render(self, request: dict, result: Classification, wanted: list[Wanted], abstained: list[bool]):
+        """The answer: header JSON (and the binary tensors). ``abstained``: per sentence, or empty (no threshold)."""
         count, labels = len(result.scores), result.labels
-        abstained = [] if min_score is None else [s.probabilities[s.ranked[0]] < min_score for s in result.scores]
-        if engine is not None and any(o.name == LABEL and not o.classes for o in wanted):
-            engine.abstained(sum(abstained))  # counted where the answer shows it: an empty LABEL
         outputs, blobs = [], []
         for output in wanted:
             if output.classes:

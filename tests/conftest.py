@@ -3,6 +3,7 @@ uvicorn in a thread), the error-shape assertion, metrics reading, sample texts, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -125,6 +126,23 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert body["error"]["code"] == code, body
     return body["error"]
+
+
+def burst_in_background(url: str, requests: int, text: str, texts: int = 64) -> tuple[threading.Thread, list]:
+    """``requests`` concurrent /classify requests of ``texts`` sentences each, sent from a thread (one connection
+    each); the thread and the list their responses (or exceptions) land in, in order, once it ends."""
+    results: list = []
+
+    async def burst() -> list:
+        limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+            bodies = [{"texts": [f"{text} {i} {j}" for j in range(texts)]} for i in range(requests)]
+            return await asyncio.gather(*(client.post("/classify", json=body) for body in bodies),
+                                        return_exceptions=True)
+
+    sender = threading.Thread(target=lambda: results.extend(asyncio.run(burst())))
+    sender.start()
+    return sender, results
 
 
 def read_metric(url: str, name: str, **labels: str) -> float:

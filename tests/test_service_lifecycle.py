@@ -4,7 +4,6 @@ running (a dying batcher task or a failed warm-up: unhealthy, then exit 3)."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import time
@@ -12,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from conftest import BROKEN_ARTIFACTS, TEXT, assert_error, assert_one_line_error, in_process, run_cli, start_service
+from conftest import (BROKEN_ARTIFACTS, TEXT, assert_error, assert_one_line_error, burst_in_background, in_process,
+                      run_cli, start_service)
 
 LONG = "please tell me why my card payment was declined at the shop again today " * 3
 
@@ -65,16 +65,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_0(service_factory, test_arti
     closes is reset by TCP before the service reads a byte of it: counted as "reset", like "refused" a request the
     service never took (a load balancer retries both; the drain window exists so that it stops sending first)."""
     svc = service_factory(test_artifact, MAX_BATCH_SIZE=1, DRAIN_SECONDS=drain_seconds, GRACEFUL_TIMEOUT_S=20)
-    results: list = []
-
-    async def burst() -> list:
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(base_url=svc.url, limits=limits, timeout=120) as client:
-            return await asyncio.gather(*(client.post("/classify", json={"texts": [f"{LONG} {i} {j}" for j in range(64)]})
-                                          for i in range(32)), return_exceptions=True)
-
-    sender = threading.Thread(target=lambda: results.extend(asyncio.run(burst())))
-    sender.start()
+    sender, results = burst_in_background(svc.url, 32, LONG)
     deadline = time.monotonic() + 30
     while svc.metric("scs_queue_depth") < 64 and time.monotonic() < deadline:
         time.sleep(0.01)

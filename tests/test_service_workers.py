@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
-from conftest import BROKEN_ARTIFACTS, TEXT, assert_one_line_error, run_cli
+from conftest import BROKEN_ARTIFACTS, TEXT, assert_one_line_error, burst_in_background, run_cli
 from service.workers import cpus_allowed
 
 
@@ -55,15 +54,7 @@ def test_the_load_api_says_to_poll_with_several_workers(service_factory, test_ar
 @pytest.mark.slow
 def test_sigterm_drains_every_worker_and_exits_0(service_factory, test_artifact):
     svc = service_factory(test_artifact.parent, WORKERS=2, MAX_BATCH_SIZE=1)
-    results: list = []
-
-    async def burst() -> list:
-        async with httpx.AsyncClient(base_url=svc.url, timeout=120, limits=httpx.Limits(max_connections=16)) as c:
-            return await asyncio.gather(*(c.post("/classify", json={"texts": [f"{TEXT} {i} {j}" for j in range(64)]})
-                                          for i in range(16)), return_exceptions=True)
-
-    sender = threading.Thread(target=lambda: results.extend(asyncio.run(burst())))
-    sender.start()
+    sender, results = burst_in_background(svc.url, 16, TEXT)
     deadline = time.monotonic() + 30
     while svc.metric("scs_requests_in_flight") < 8 and time.monotonic() < deadline:
         time.sleep(0.05)
