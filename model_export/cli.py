@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     _add_training_arguments(seeds)
 
+    tune = commands.add_parser("tune", help="search training configurations within a time budget on the validation "
+                               "split; write the results and, with --out, export the winner")
+    _add_data_arguments(tune)
+    tune.add_argument("--budget", required=True, help="wall-clock budget for the search: 600, 90s, 10m, 1h30m")
+    tune.add_argument("--out", type=Path, help="artifact folder to export the winner to, e.g. models/cr/1")
+    tune.add_argument("--results", type=Path, help="folder for the results table, plot and config (default: the "
+                      "--out folder, else tune-<dataset>)")
+    tune.add_argument("--trials", type=int, help="at most N configurations, the default's included (default: as "
+                      "many as the budget holds)")
+    tune.add_argument("--space", type=Path, help="JSON or TOML file: hyperparameter -> list of choices, replacing "
+                      "the built-in choices for those keys (one value fixes it)")
+    tune.add_argument("--name", help="model name in the manifest (default: the --out parent folder's name)")
+    tune.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_training_arguments(tune)
+
     evaluate = commands.add_parser("evaluate", help="accuracy and macro-F1 of an artifact on a dataset's test split")
     evaluate.add_argument("artifact", type=Path)
     _add_data_arguments(evaluate)
@@ -137,11 +152,52 @@ def _licence(data: Path) -> str:
     return "unknown"
 
 
+def command_tune(args) -> None:
+    from .pipeline import build_artifact, check_output_folder, test_scores
+    from .tune import Search, load_space, parse_budget, record, write_results
+
+    budget = parse_budget(args.budget)
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.out is not None:
+        check_output_folder(args.out, args.force)
+        if not args.out.name.isdigit():
+            raise UserError(f"--out {args.out}: the last part must be an integer version folder, as in "
+                            f"models/<name>/1 (the service serves models/<name>/<version>/)")
+    fixed = {f.name for f in fields(TrainConfig) if getattr(args, f"hp_{f.name}") is not None}
+    space = load_space(args.space, fixed)
+    config, dataset = _config_and_data(args)
+    results = args.results or args.out or Path(f"tune-{dataset.name}")
+    if args.out is None:
+        check_output_folder(results, args.force)
+    search = Search(dataset, config, space, budget, args.trials)
+    winner = search.run()
+    fitted = search.prepared(winner.config).fitted(winner.run.result())
+    tuning = record(search, winner)
+    if args.out is None:
+        test = test_scores(fitted, dataset, winner.config.max_length)
+        write_results(results, search, winner, test)
+        print(f"winner on test (touched once): accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
+              f"wrote {results}/tune_results.md and tune_config.json (train --config {results}/tune_config.json "
+              f"retrains it)")
+        return
+    info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
+            "licence": _licence(Path(args.data))}
+    def extras(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        write_results(folder, search, winner, manifest["metrics"])
+
+    build_artifact(dataset, winner.config, args.out, args.name or args.out.resolve().parent.name, args.out.name,
+                   info, progress=False, fitted=fitted, tuning=tuning, extras=extras)
+    print(f"wrote {args.out} with the winner (tune_results.md, tune_config.json beside the model; "
+          f"train --config {args.out}/tune_config.json retrains it)")
+
+
 def command_seeds(args) -> None:
     import statistics
     import time
 
-    from .pipeline import fit_model, test_accuracy
+    from .pipeline import fit_model, test_scores
 
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -153,7 +209,7 @@ def command_seeds(args) -> None:
         config.seed = seed
         started = time.perf_counter()
         fitted = fit_model(dataset, config, progress=not args.no_progress, log=lambda _: None)
-        accuracies.append(test_accuracy(fitted, dataset, config.max_length))
+        accuracies.append(test_scores(fitted, dataset, config.max_length)["accuracy"])
         print(f"seed {seed}: test accuracy {accuracies[-1]:.4f}, validation {fitted.result.best_val_accuracy:.4f} "
               f"(epoch {fitted.result.best_epoch}), {time.perf_counter() - started:.0f}s", flush=True)
     spread = max(accuracies) - min(accuracies)
@@ -208,7 +264,7 @@ def command_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": command_train, "seeds": command_seeds, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
+        {"train": command_train, "tune": command_tune, "seeds": command_seeds, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
             args.command
         ](args)
     except UserError as error:

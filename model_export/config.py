@@ -35,20 +35,24 @@ class TrainConfig:
         return asdict(self)
 
 
+def read_mapping(path: str | Path, what: str) -> dict:
+    """A JSON or TOML file (by suffix) holding one mapping; ``what`` names it in the one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what} file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot parse {what} ({error})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: {what} must be a mapping of hyperparameters")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults, then the file's values, then non-None ``overrides``; unknown keys are an error."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: no such config file")
-        try:
-            text = path.read_text(encoding="utf-8")
-            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise UserError(f"{path}: cannot parse config ({error})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: config must be a mapping of hyperparameters")
+    values: dict = read_mapping(path, "config") if path is not None else {}
     values |= {key: value for key, value in overrides.items() if value is not None}
     known = {f.name: f.type for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(known))

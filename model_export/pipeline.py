@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ from .export import export_onnx, verify
 from .report import (plot_confusion_matrix, plot_coverage, plot_open_set, plot_reliability, plot_training_curve,
                      test_metrics)
 from .tokenizer import PAD, UNK, fit_tokenizer
-from .train import TrainResult, predict, train
+from .train import Training, TrainResult, macro_f1, predict, train
 
 
 @dataclass
@@ -49,23 +50,53 @@ class Fitted:
         return contract.Encoder(self.tokenizer, max_length, self.tokenizer.token_to_id(UNK)).encode(texts)[0]
 
 
-def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=print) -> Fitted:
-    """Hold out validation, fit the tokenizer on the rest of train, train; the test split is not read."""
+@dataclass
+class Prepared:
+    """The splits, the tokenizer fitted on the training rows, and both splits as ids and class indices."""
+
+    tokenizer: Tokenizer
+    labels: list[str]
+    fit: Split
+    validation: Split
+    fit_ids: list[list[int]]
+    fit_targets: list[int]
+    validation_ids: list[list[int]]
+    validation_targets: list[int]
+
+    def training(self, config: TrainConfig) -> Training:
+        """A training run of ``config`` on these splits (``config`` must share the vocabulary and length)."""
+        return Training(config, self.fit_ids, self.fit_targets, self.validation_ids, self.validation_targets,
+                        self.tokenizer.get_vocab_size(), len(self.labels), self.tokenizer.token_to_id(PAD))
+
+    def fitted(self, result: TrainResult) -> Fitted:
+        return Fitted(self.tokenizer, self.labels, self.fit, self.validation, result)
+
+
+def prepare(dataset: Dataset, config: TrainConfig) -> Prepared:
+    """Hold out validation, fit the tokenizer on the rest of train, encode both; the test split is not read."""
     fit, validation = stratified_split(dataset.train.texts, dataset.train.labels, config.validation_fraction,
                                        config.seed, "validation")
     labels = sorted(set(dataset.train.labels))
     index = {label: i for i, label in enumerate(labels)}
     tokenizer = fit_tokenizer(fit.texts, config.vocab_size)
-    log(f"data: {len(fit)} train, {len(validation)} validation, {len(dataset.test)} test rows, {len(labels)} classes; "
-        f"vocabulary {tokenizer.get_vocab_size()}; skipped {dataset.skipped_empty} empty text(s)")
     encoder = contract.Encoder(tokenizer, config.max_length, tokenizer.token_to_id(UNK))
-    result = train(config, encoder.encode(fit.texts)[0], [index[label] for label in fit.labels],
-                   encoder.encode(validation.texts)[0],
-                   [index[label] for label in validation.labels], tokenizer.get_vocab_size(), len(labels),
-                   tokenizer.token_to_id(PAD), progress=progress)
+    return Prepared(tokenizer, labels, fit, validation, encoder.encode(fit.texts)[0],
+                    [index[label] for label in fit.labels], encoder.encode(validation.texts)[0],
+                    [index[label] for label in validation.labels])
+
+
+def fit_model(dataset: Dataset, config: TrainConfig, progress: bool = True, log=print) -> Fitted:
+    """``prepare``, then train; the test split is not read."""
+    prepared = prepare(dataset, config)
+    log(f"data: {len(prepared.fit)} train, {len(prepared.validation)} validation, {len(dataset.test)} test rows, "
+        f"{len(prepared.labels)} classes; vocabulary {prepared.tokenizer.get_vocab_size()}; skipped "
+        f"{dataset.skipped_empty} empty text(s)")
+    result = train(config, prepared.fit_ids, prepared.fit_targets, prepared.validation_ids,
+                   prepared.validation_targets, prepared.tokenizer.get_vocab_size(), len(prepared.labels),
+                   prepared.tokenizer.token_to_id(PAD), progress=progress)
     log(f"trained in {result.seconds:.0f}s; kept epoch {result.best_epoch} (validation accuracy "
         f"{result.best_val_accuracy:.4f})")
-    return Fitted(tokenizer, labels, fit, validation, result)
+    return prepared.fitted(result)
 
 
 def calibrate(fitted: Fitted, config: TrainConfig, validation_targets: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -122,20 +153,27 @@ def drift_reference(fitted: Fitted, max_length: int, validation_probabilities: n
                         "predicted_class": "the most likely class", "top_score": "the top probability (validation)"}}
 
 
-def test_accuracy(fitted: Fitted, dataset: Dataset, max_length: int) -> float:
-    """Torch accuracy on the test split (for seed sweeps; artifacts are scored through onnxruntime)."""
+def test_scores(fitted: Fitted, dataset: Dataset, max_length: int) -> dict:
+    """Torch accuracy and macro-F1 on the test split (for seed sweeps and searches without an artifact;
+    artifacts are scored through onnxruntime)."""
     index = {label: i for i, label in enumerate(fitted.labels)}
     probabilities = predict(fitted.result.model, fitted.ids(dataset.test.texts, max_length), fitted.pad_id)
-    return float((probabilities.argmax(1) == np.array([index[label] for label in dataset.test.labels])).mean())
+    targets = np.array([index[label] for label in dataset.test.labels])
+    predictions = probabilities.argmax(1)
+    return {"accuracy": float((predictions == targets).mean()),
+            "macro_f1": macro_f1(targets, predictions, len(fitted.labels))}
 
 
 def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, version: str,
                    dataset_info: dict, progress: bool = True, log=print,
-                   oos: openset.OutOfScope | None = None) -> contract.Manifest:
+                   oos: openset.OutOfScope | None = None, fitted: Fitted | None = None, tuning: dict | None = None,
+                   extras: Callable[[Path], None] | None = None) -> contract.Manifest:
     """Train, evaluate on test once, export, verify, and move the finished folder to ``out``. Returns the manifest.
-    ``oos``: out-of-scope sentences (never trained on) to choose the abstention threshold with."""
+    ``oos``: out-of-scope sentences (never trained on) to choose the abstention threshold with. ``fitted``: a model
+    already trained with ``config`` (``tune``'s winner) instead of training one; ``tuning``: the search's record
+    for the manifest; ``extras``: writes more files (reports) into the folder before it is published."""
     started = time.perf_counter()
-    fitted = fit_model(dataset, config, progress, log)
+    fitted = fitted or fit_model(dataset, config, progress, log)
     tokenizer, labels, fit, validation, result = (fitted.tokenizer, fitted.labels, fitted.fit, fitted.validation,
                                                   fitted.result)
     index = {label: i for i, label in enumerate(labels)}
@@ -207,7 +245,7 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
             metrics=metrics,
             training={"config": config.to_dict(), "best_epoch": result.best_epoch,
                       "best_validation_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 1),
-                      "history": result.history},
+                      "history": result.history} | ({"tune": tuning} if tuning else {}),
             verification=checks,
             calibration=calibrated,
             selective=thresholds,
@@ -217,6 +255,8 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
                       "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__},
         )
         contract.write_manifest(staging, manifest)
+        if extras is not None:
+            extras(staging)
         contract.check(staging)  # what the service will check at start, before the folder is published
         if out.exists():
             shutil.rmtree(out)

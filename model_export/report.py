@@ -123,3 +123,29 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_tune(trials: list[int], scores: list[float], complete: list[bool], winner: int, path: Path) -> None:
+    """Validation accuracy per trial (at the last milestone it reached), the complete trials' running best, the
+    default (trial 0) and the winner marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [i for i, c in enumerate(complete) if c]
+    paused = [i for i, c in enumerate(complete) if not c]
+    ax.scatter([trials[i] for i in paused], [scores[i] for i in paused], color="tab:gray", s=18,
+               label="stopped by halving or budget")
+    ax.scatter([trials[i] for i in done], [scores[i] for i in done], color="tab:blue", s=24, label="ran to its end")
+    best, running = -1.0, []
+    for i in range(len(trials)):
+        best = max(best, scores[i]) if complete[i] else best
+        running.append(best if best >= 0 else np.nan)
+    ax.step(trials, running, where="post", color="tab:blue", linewidth=1, label="best complete so far")
+    ax.axhline(scores[0], color="tab:orange", linestyle="--", linewidth=1, label="default (trial 0)")
+    ax.scatter([winner], [scores[trials.index(winner)]], marker="*", s=160, color="tab:red", zorder=3, label="winner")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Search: validation accuracy by trial")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -68,71 +68,122 @@ def predict(model: SentenceClassifier, sequences: list[list[int]], pad_id: int, 
     return out
 
 
-def train(
-    config: TrainConfig,
-    train_ids: list[list[int]],
-    train_labels: list[int],
-    val_ids: list[list[int]],
-    val_labels: list[int],
-    vocab_size: int,
-    num_classes: int,
-    pad_id: int,
-    progress: bool = True,
-) -> TrainResult:
-    seed_everything(config.seed)
-    torch.set_num_threads(config.threads)
-    shape = ModelShape(
-        vocab_size=vocab_size,
-        num_classes=num_classes,
-        pad_id=pad_id,
-        embedding_dim=config.embedding_dim,
-        hidden_size=config.hidden_size,
-        bidirectional=config.bidirectional,
-        dropout=config.dropout,
-        embedding_dropout=config.embedding_dropout,
-    )
-    model = SentenceClassifier(shape)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    rng = random.Random(config.seed)
-    lengths = [len(s) for s in train_ids]
-    steps_per_epoch = len(bucketed_batches(lengths, config.batch_size, random.Random(0)))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
-    )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    targets = torch.tensor(train_labels, dtype=torch.int64)
-    val_targets = np.asarray(val_labels)
+class Training:
+    """One training run, an epoch at a time, so a search can pause it and resume it later (successive halving).
 
-    best_accuracy, best_epoch, best_state = -1.0, 0, None
-    history: list[dict] = []
-    started = time.perf_counter()
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="batch", disable=not progress, leave=True)
-    for epoch in range(1, config.epochs + 1):
+    Running it to the end gives exactly what ``train`` gives: the run keeps its own torch random state (dropout
+    masks) across pauses, so runs interleaved with others in one process stay reproducible for their seed.
+    """
+
+    def __init__(self, config: TrainConfig, train_ids: list[list[int]], train_labels: list[int],
+                 val_ids: list[list[int]], val_labels: list[int], vocab_size: int, num_classes: int,
+                 pad_id: int) -> None:
+        seed_everything(config.seed)
+        torch.set_num_threads(config.threads)
+        shape = ModelShape(vocab_size=vocab_size, num_classes=num_classes, pad_id=pad_id,
+                           embedding_dim=config.embedding_dim, hidden_size=config.hidden_size,
+                           bidirectional=config.bidirectional, dropout=config.dropout,
+                           embedding_dropout=config.embedding_dropout)
+        self.config, self.pad_id = config, pad_id
+        self.model = SentenceClassifier(shape)
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.targets = torch.tensor(train_labels, dtype=torch.int64)
+        self.val_targets = np.asarray(val_labels)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.rng = random.Random(config.seed)
+        self.lengths = [len(s) for s in train_ids]
+        self.steps_per_epoch = len(bucketed_batches(self.lengths, config.batch_size, random.Random(0)))
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.learning_rate, total_steps=config.epochs * self.steps_per_epoch,
+            pct_start=0.2)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.torch_state = torch.get_rng_state()
+        self.epoch, self.best_epoch, self.best_accuracy = 0, 0, -1.0
+        self.best_state: dict | None = None
+        self.best_predictions: np.ndarray | None = None  # validation predictions at the best epoch
+        self.history: list[dict] = []
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        """The schedule is over, or validation has not improved for ``patience`` epochs."""
+        return self.epoch >= self.config.epochs or (self.epoch > 0 and
+                                                    self.epoch - self.best_epoch >= self.config.patience)
+
+    def run_epoch(self, on_batch=None) -> dict:
+        """Train one epoch, score validation, keep the best weights; returns the epoch's history row."""
+        started = time.perf_counter()
+        torch.set_num_threads(self.config.threads)
+        torch.set_rng_state(self.torch_state)
+        model = self.model
         model.train()
+        self.epoch += 1
         total_loss, seen = 0.0, 0
-        for batch in bucketed_batches(lengths, config.batch_size, rng):
-            ids, batch_lengths = pad_batch([train_ids[i] for i in batch], pad_id)
-            loss = loss_fn(model.logits(ids, batch_lengths), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
+        for batch in bucketed_batches(self.lengths, self.config.batch_size, self.rng):
+            ids, batch_lengths = pad_batch([self.train_ids[i] for i in batch], self.pad_id)
+            loss = self.loss_fn(model.logits(ids, batch_lengths), self.targets[batch])
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
             total_loss += loss.item() * len(batch)
             seen += len(batch)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{total_loss / seen:.3f}", val_acc=f"{max(best_accuracy, 0):.3f}")
-        val_accuracy = float((predict(model, val_ids, pad_id).argmax(1) == val_targets).mean())
-        history.append({"epoch": epoch, "train_loss": total_loss / seen, "val_accuracy": val_accuracy,
-                        "seconds": time.perf_counter() - started})
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_epoch = val_accuracy, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(epoch=epoch, loss=f"{total_loss / seen:.3f}", val_acc=f"{val_accuracy:.3f}")
-        if epoch - best_epoch >= config.patience:
-            break
+            if on_batch is not None:
+                on_batch(self.epoch, total_loss / seen, max(self.best_accuracy, 0.0))
+        predictions = predict(model, self.val_ids, self.pad_id).argmax(1)
+        val_accuracy = float((predictions == self.val_targets).mean())
+        self.torch_state = torch.get_rng_state()
+        self.seconds += time.perf_counter() - started
+        row = {"epoch": self.epoch, "train_loss": total_loss / seen, "val_accuracy": val_accuracy,
+               "val_macro_f1": macro_f1(self.val_targets, predictions, self.model.shape.num_classes),
+               "seconds": self.seconds}
+        self.history.append(row)
+        if val_accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_epoch, self.best_predictions = val_accuracy, self.epoch, predictions
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return row
+
+    def result(self) -> TrainResult:
+        """The model at its best validation epoch (so far, if the run is paused)."""
+        assert self.best_state is not None, "run at least one epoch"
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        return TrainResult(self.model, self.best_epoch, self.best_accuracy, self.seconds, list(self.history))
+
+    def release(self) -> None:
+        """Drop the optimizer and the training data references (a finished or discarded run keeps its model)."""
+        self.optimizer = self.scheduler = None  # type: ignore[assignment]
+        self.train_ids = self.val_ids = []
+
+
+def macro_f1(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Mean F1 over the classes present in ``targets`` or ``predictions``."""
+    scores = []
+    for c in range(num_classes):
+        true, predicted = targets == c, predictions == c
+        if not true.any() and not predicted.any():
+            continue
+        hits = float((true & predicted).sum())
+        scores.append(2 * hits / (true.sum() + predicted.sum()))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def train(config: TrainConfig, train_ids: list[list[int]], train_labels: list[int], val_ids: list[list[int]],
+          val_labels: list[int], vocab_size: int, num_classes: int, pad_id: int,
+          progress: bool = True) -> TrainResult:
+    run = Training(config, train_ids, train_labels, val_ids, val_labels, vocab_size, num_classes, pad_id)
+    bar = tqdm(total=config.epochs * run.steps_per_epoch, desc="train", unit="batch", disable=not progress,
+               leave=True)
+
+    def on_batch(epoch: int, loss: float, best: float) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", val_acc=f"{best:.3f}")
+
+    while not run.done:
+        run.run_epoch(on_batch)
     bar.close()
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(model, best_epoch, best_accuracy, time.perf_counter() - started, history)
+    result = run.result()
+    run.release()
+    return result
