@@ -62,7 +62,7 @@ class Config:
     pausable: bool = True
 
 
-KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", *PEERS)
+KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", "traced", "traced-dead", *PEERS)
 DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2")
 
 def configs(model_dir: Path, port_of, reference: Path | None = None,
@@ -90,6 +90,16 @@ def configs(model_dir: Path, port_of, reference: Path | None = None,
         "v2": Config("v2", "service, batching on, V2 infer with binary tensors",
                      [python, "-m", "service", *model, *where("v2")], SERVER_ENV, service=True, protocol="v2",
                      path=f"/v2/models/{model_name(model_dir)}/infer"),
+        # Tracing's cost: every request traced into a live OTLP receiver (loadtest/otlp_receiver.py, started on the
+        # load core), and pointed at a port nobody listens on.
+        "traced": Config("traced", "service, batching on, every request traced (a live OTLP receiver)",
+                         [python, "-m", "service", *model, *where("traced")],
+                         SERVER_ENV | {"SCS_OTEL_ENDPOINT": f"http://127.0.0.1:{port_of('collector')}",
+                                       "SCS_OTEL_SAMPLE_RATIO": "1"}, service=True),
+        "traced-dead": Config("traced-dead", "service, batching on, every request traced, collector down",
+                              [python, "-m", "service", *model, *where("traced-dead")],
+                              SERVER_ENV | {"SCS_OTEL_ENDPOINT": f"http://127.0.0.1:{port_of('nobody')}",
+                                            "SCS_OTEL_SAMPLE_RATIO": "1"}, service=True),
         "cores": Config("cores", f"service, one worker per core ({ALL_CORES})",
                         [python, "-m", "service", *model, *where("cores")],
                         SERVER_ENV | {"SCS_WORKERS": str(len(ALL_CORES.split(",")))}, service=True, cores=ALL_CORES),
@@ -234,6 +244,10 @@ def run(args, run_data: dict, log_dir: Path) -> None:
     known = configs(args.model_dir, lambda name: ports.setdefault(name, free_port()), args.reference, peer_python)
     chosen = [known[name] for name in args.configs]
     servers: dict[str, Server] = {}
+    if "traced" in args.configs:  # the collector the traced service exports to
+        collector = Server("collector", [sys.executable, "-m", "loadtest.otlp_receiver", "--port",
+                                         str(ports["collector"])], ports["collector"], {}, pausable=False)
+        collector.start(args.load_core, log_dir / "collector.log")
     for config in chosen:
         server = Server(config.name, config.argv, ports[config.name], config.env, ready_path=config.ready_path,
                         cwd=config.cwd, pausable=config.pausable)

@@ -80,6 +80,13 @@ def bars(run: dict) -> list[dict]:
         share = v2["rps"] / on["rps"]
         bar("c=64: V2 (binary) within 15% of /classify", f"{share:.2f}x ({v2['rps']:,.0f} / {on['rps']:,.0f} req/s)",
             share >= 0.85)
+    for name, title, floor in (("traced", "tracing on (every request, a live collector)", 0.90),
+                               ("traced-dead", "tracing on, collector down (closed port)", 0.95)):
+        traced = at(points, name, 64)
+        if traced and on:
+            share = traced["rps"] / on["rps"]
+            bar(f"c=64: {title} >= {floor:.0%} of tracing off", f"{share:.3f}x ({traced['rps']:,.0f} / "
+                f"{on['rps']:,.0f} req/s)", share >= floor)
     peers = [name for name in run.get("peers", []) if closed(points, name)]
     if peers:
         ratios = []

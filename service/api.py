@@ -15,6 +15,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -90,8 +91,12 @@ def create_api(state: ServiceState) -> FastAPI:
             return error_response(error)
         return JSON({"model": engine.name, "version": engine.version} | engine.drift.report())
 
-    @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
+    @api.get("/metrics", summary="Prometheus metrics (OpenMetrics, with trace-id exemplars, when the scraper "
+             "accepts application/openmetrics-text)", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        if "application/openmetrics-text" in request.headers.get("accept", ""):
+            return Response(openmetrics.generate_latest(state.metrics.exposition),
+                            media_type=openmetrics.CONTENT_TYPE_LATEST)
         return Response(generate_latest(state.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
     @api.exception_handler(HTTPException)

@@ -79,6 +79,14 @@ class App:
         token = logs.request_id.set(rid)
         started = time.perf_counter()
         status = 500
+        route = endpoint(scope["path"])
+        span = span_token = None
+        tracing = self.state.tracing
+        if tracing is not None and route not in UNTRACED:
+            span = tracing.start_request(scope["method"], route, scope["headers"])
+            if span is not None:
+                span.set_attribute("scs.request_id", rid)
+                span_token = logs.request_span.set(span)
 
         async def send_with_id(message) -> None:
             nonlocal status
@@ -93,7 +101,12 @@ class App:
         finally:
             self.in_flight -= 1
             seconds = time.perf_counter() - started
-            self.state.metrics.observe_request(endpoint(scope["path"]), status, seconds)
+            trace_id = None
+            if span is not None:
+                tracing.end_request(span, status)
+                logs.request_span.reset(span_token)
+                trace_id = format(span.get_span_context().trace_id, "032x")
+            self.state.metrics.observe_request(route, status, seconds, trace_id)
             if self.access_log is not None:
                 self.access_log.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": {
                     "method": scope["method"], "path": scope["path"], "status": status,
@@ -152,8 +165,11 @@ class App:
         else:
             state.unfinished = True
             log.error("stopped with work still queued: it did not finish within graceful_timeout_s")
+        if state.tracing is not None:  # what is queued for export, within what is left of the deadline (<= 2 s)
+            await asyncio.to_thread(state.tracing.shutdown, min(2.0, state.time_left()))
 
 
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})  # probes, scrapes
 ENDPOINTS = frozenset({"/classify", "/healthz", "/readyz", "/v1/model", "/v1/models", "/metrics", "/v2",
                        "/v2/health/live", "/v2/health/ready", "/v2/repository/index"})
 PATTERNS = [(re.compile(p), name) for p, name in (
@@ -178,6 +194,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     served). ``runtime``: an already opened version, served in place of loading that folder (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
-    repository = Repository(settings, metrics)
+    tracing = None
+    endpoint = settings.traces_endpoint()
+    if endpoint:
+        from .tracing import Tracing  # OpenTelemetry is imported only when tracing is on
+
+        tracing = Tracing(endpoint, settings.otel_sample_ratio, settings.otel_queue_size,
+                          settings.otel_export_timeout_s, metrics.trace_spans)
+        log.info("tracing", extra={"fields": {"endpoint": endpoint, "sample_ratio": settings.otel_sample_ratio}})
+    repository = Repository(settings, metrics, tracing)
     repository.load_at_start(runtime)
-    return App(ServiceState(settings, repository, metrics))
+    return App(ServiceState(settings, repository, metrics, tracing))

@@ -27,6 +27,11 @@ R = TypeVar("R")  # what the model gives back per sentence
 T = TypeVar("T")
 
 
+class BatchTrace(Protocol):
+    def ran(self, batch: list[Item], started: float, ended: float, padded_tokens: int, real_tokens: int,
+            failed: bool) -> None: ...  # a batch ran (tracing: service/tracing.py)
+
+
 class BatchMetrics(Protocol):
     def observe_dispatch(self, waits: Sequence[float]) -> None: ...  # a batch leaves the queue: each one's wait
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
@@ -37,15 +42,16 @@ class Job(Generic[R]):
     """One request: its sentences resolve ``future`` together, in input order. Cancelling the future (the
     client left) drops its sentences that are still queued."""
 
-    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id")
+    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span")
 
     def __init__(self, future: asyncio.Future, count: int, now: float, timeout_s: float,
-                 request_id: str | None) -> None:
+                 request_id: str | None, span: object | None = None) -> None:
         self.future = future
         self.results: list[R | None] = [None] * count
         self.remaining = count
         self.deadline, self.timeout_s = now + timeout_s, timeout_s
         self.request_id = request_id
+        self.span = span  # the request's sampled trace span, or None
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
@@ -80,10 +86,12 @@ class BatchLimits:
 
 class Batcher(Generic[R]):
     def __init__(self, run: Callable[[list[list[int]]], Sequence[R]], limits: BatchLimits,
-                 metrics: BatchMetrics | None = None, executor: ThreadPoolExecutor | None = None) -> None:
+                 metrics: BatchMetrics | None = None, executor: ThreadPoolExecutor | None = None,
+                 trace: BatchTrace | None = None) -> None:
         self._run_model = run
         self.limits = limits
         self._metrics = metrics
+        self._trace = trace
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="model")
         self._own_executor = executor is None
         self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
@@ -126,9 +134,10 @@ class Batcher(Generic[R]):
             on_failure(error)
 
     def submit(self, sequences: list[list[int]], request_id: str | None = None,
-               timeout_s: float | None = None) -> Job[R]:
+               timeout_s: float | None = None, span: object | None = None) -> Job[R]:
         """Queue every sentence of one request, or none of them (``QueueFull``, or ``NotReady`` when closing).
-        Its deadline is ``timeout_s`` from now, at most the limits' ``request_timeout_s``."""
+        Its deadline is ``timeout_s`` from now, at most the limits' ``request_timeout_s``; ``span``: its trace
+        span, when sampled."""
         if self._closing:
             raise NotReady(draining=True)
         if self._size + len(sequences) > self.limits.max_queue_size:
@@ -138,7 +147,7 @@ class Batcher(Generic[R]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
-        job: Job[R] = Job(loop.create_future(), len(sequences), now, timeout, request_id)
+        job: Job[R] = Job(loop.create_future(), len(sequences), now, timeout, request_id, span)
         heapq.heappush(self._jobs, job)
         buckets = self._buckets
         for index, ids in enumerate(sequences):
@@ -310,12 +319,17 @@ class Batcher(Generic[R]):
                 item.job.fail(failure)
             if self._metrics:
                 self._metrics.reject("model_error")
+            if self._trace is not None:
+                self._traced(batch, started, loop.time(), failed=True)
             return
         finally:
             self.running = 0
+        ended = loop.time()
         if self._metrics:
             lengths = [item.length for item in batch]
-            self._metrics.observe_batch(len(batch), sum(lengths), max(lengths) * len(batch), loop.time() - started)
+            self._metrics.observe_batch(len(batch), sum(lengths), max(lengths) * len(batch), ended - started)
+        if self._trace is not None:
+            self._traced(batch, started, ended, failed=False)
         for item, output in zip(batch, outputs):
             job = item.job
             if job.future.done():
@@ -324,6 +338,13 @@ class Batcher(Generic[R]):
             job.remaining -= 1
             if job.remaining == 0:
                 job.future.set_result(job.results)
+
+    def _traced(self, batch: list[Item], started: float, ended: float, failed: bool) -> None:
+        lengths = [item.length for item in batch]
+        try:
+            self._trace.ran(batch, started, ended, max(lengths) * len(batch), sum(lengths), failed)
+        except Exception:  # tracing must never fail a request or the owner task
+            log.exception("tracing a batch failed")
 
     async def _sweep(self) -> None:
         """Answer 504 at the deadline even while a long batch runs; forget finished jobs."""

@@ -21,6 +21,7 @@ import contract
 
 from .batcher import Batcher, BatchLimits
 from .drift import DriftMonitor
+from .logs import request_span
 from .metrics import Metrics, ModelMetrics
 from .errors import no_threshold_for
 from .runtime import Runtime, Scores
@@ -61,7 +62,7 @@ def thresholds(manifest: contract.Manifest) -> list[tuple[float, float]]:
 class Engine:
     def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
                  executor: ThreadPoolExecutor | None = None, drift_window: int = 1000,
-                 drift_alert_psi: float = 0.25) -> None:
+                 drift_alert_psi: float = 0.25, tracing=None) -> None:
         artifact = runtime.artifact
         self.runtime = runtime
         self.manifest = artifact.manifest
@@ -76,7 +77,8 @@ class Engine:
                                                                lambda: self.queue_depth) if metrics else None)
         if self.drift is not None and self.metrics is not None:
             self.metrics.watch_drift(self.drift)
-        self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor)
+        self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor,
+                                                tracing.batch(runtime.provider) if tracing is not None else None)
         self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
         self._encode = artifact.encoder.encode
 
@@ -100,7 +102,11 @@ class Engine:
         ``NotReady`` (closing), ``DeadlineExceeded`` or ``BatchFailed`` (all ``ServiceError``); cancelling the
         caller drops what is still queued."""
         ids, truncated = self._encode(texts)
-        job = self.batcher.submit(ids, request_id, timeout_s)
+        span = request_span.get()
+        if span is not None:
+            span.set_attributes({"scs.model": self.name, "scs.model.version": self.version,
+                                 "scs.sentences": len(texts)})
+        job = self.batcher.submit(ids, request_id, timeout_s, span)
         scores = await job.future
         if self.drift is not None:
             tops = [s.ranked[0] for s in scores]

@@ -10,6 +10,8 @@ from contextvars import ContextVar
 import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The sampled trace span of the request being handled (service/tracing.py), None when not traced.
+request_span: ContextVar[object | None] = ContextVar("request_span", default=None)
 
 
 class JsonFormatter(logging.Formatter):

@@ -67,6 +67,9 @@ class Metrics:
                                multiprocess_mode="livemax")
         self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
                                      MODEL, registry=r)
+        self.trace_spans = Counter("scs_trace_spans_total", "trace spans by outcome: exported, failed (the collector "
+                                   "refused or was unreachable) or dropped (the export queue was full)", ["outcome"],
+                                   registry=r)
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._reject_children: dict[tuple[str, str, str], Counter] = {}
 
@@ -85,14 +88,19 @@ class Metrics:
         for gauge, read in self._functions:
             gauge.set(read())
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(self, endpoint: str, status: int, seconds: float, trace_id: str | None = None) -> None:
+        """One answered request; ``trace_id`` (a sampled request's) becomes its latency bucket's exemplar, shown
+        in the OpenMetrics exposition (one process only: prometheus-client keeps none across workers)."""
         key = (endpoint, status)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = (self.requests.labels(endpoint, str(status)),
                                                       self.latency.labels(endpoint))
         children[0].inc()
-        children[1].observe(seconds)
+        if trace_id is None:
+            children[1].observe(seconds)
+        else:
+            children[1].observe(seconds, {"trace_id": trace_id})
 
     def reject(self, reason: str, model: str = "", version: str = "") -> None:
         key = (reason, model, version)

@@ -80,8 +80,8 @@ def rss_bytes() -> int:
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: Metrics, tracing=None) -> None:
+        self.settings, self.metrics, self.tracing = settings, metrics, tracing  # tracing: service.tracing.Tracing
         self.on_failure: Callable[[BaseException], None] | None = None  # a version's batcher task died
         self.kind, self.models = layout(settings.model_dir)
         if settings.models:
@@ -159,7 +159,7 @@ class Repository:
             raise ArtifactError(f"{folder}/manifest.json: version {runtime.artifact.version!r}, but it lies in "
                                 f"version folder {version}")
         engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor,
-                        self.settings.drift_window, self.settings.drift_alert_psi)
+                        self.settings.drift_window, self.settings.drift_alert_psi, self.tracing)
         engine.memory_bytes = max(0, rss_bytes() - before)
         engine.metrics.memory(engine.memory_bytes)
         return engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -108,6 +109,34 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS, or * (empty: CORS off)")
     read_timeout_s: float = Field(10.0, gt=0, description="a connection must send a whole request within this "
                                   "long of opening or of its previous answer, else it is closed (slow clients)")
+
+    # Tracing (service/tracing.py)
+    otel_endpoint: str = Field("", description="OTLP/HTTP collector to send traces to, e.g. http://collector:4318 "
+                               "(/v1/traces is added; empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                               "OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing off)")
+    otel_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of requests traced (by trace id) when the "
+                                     "request's traceparent does not decide")
+    otel_queue_size: int = Field(2048, ge=1, description="most finished spans waiting for export; beyond it spans "
+                                 "are dropped and counted (scs_trace_spans_total{outcome=\"dropped\"})")
+    otel_export_timeout_s: float = Field(5.0, gt=0, description="longest one export to the collector may take")
+
+    def traces_endpoint(self) -> str | None:
+        """Where traces go (a full URL), or None: tracing off."""
+        if self.otel_endpoint:
+            return self.otel_endpoint.rstrip("/") + "/v1/traces"
+        full = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        if full:
+            return full
+        base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        return base.rstrip("/") + "/v1/traces" if base else None
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otel_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL (e.g. http://collector:4318)")
+        return value
 
     def batch_limits(self, provider: str = "CPUExecutionProvider") -> BatchLimits:
         """The batching knobs for an engine on ``provider``: on CUDA, the knobs not set explicitly take

@@ -27,8 +27,9 @@ class Phase(Enum):
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, repository: Repository, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, repository: Repository, metrics: Metrics, tracing=None) -> None:
         self.settings, self.repository, self.metrics = settings, repository, metrics
+        self.tracing = tracing  # service.tracing.Tracing, or None: tracing off
         repository.on_failure = lambda error: self.fail(f"a batcher task died ({error!r})")
         self.phase = Phase.STARTING
         self.failure: str | None = None

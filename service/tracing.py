@@ -1,0 +1,210 @@
+"""OpenTelemetry traces, exported over OTLP/HTTP (protobuf); off, and never imported, unless an endpoint is set
+(``SCS_OTEL_ENDPOINT``, else the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``).
+
+What a trace shows, so that a slow request can be explained by the batch it rode in:
+
+- one SERVER span per HTTP request (``POST /classify``), the child of the request's W3C ``traceparent`` when it
+  has one: route, status, and for classification the model, version and sentence count;
+- under it, one ``queue wait`` span per sentence: from being queued to its model run starting;
+- one ``model run`` span per batch (its own trace), linked to every sampled request span it served, each of
+  which links back to it: batch size, real and padded tokens, padding ratio, provider.
+
+Sampling is by trace id (``SCS_OTEL_SAMPLE_RATIO``) unless the caller's ``traceparent`` decided; a model run is
+traced when any request it served is. Spans are created after the fact with explicit times where they can be
+(queue waits, model runs), and only for sampled requests. Ended spans go to a bounded queue that one thread
+exports; a full queue drops the span and counts it (``scs_trace_spans_total{outcome="dropped"}``), so a slow or
+dead collector never blocks or slows a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from .batcher import Item
+
+log = logging.getLogger("service.tracing")
+
+EXPORT_BATCH = 512
+EXPORT_EVERY_S = 0.5
+
+
+class RequestSampler(Sampler):
+    """Requests by trace-id ratio (or as their parent decided); a span with links (a model run, created only when
+    a request it served is sampled) always."""
+
+    def __init__(self, ratio: float) -> None:
+        self.requests = ParentBased(TraceIdRatioBased(ratio))
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None) -> SamplingResult:
+        if links:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self.requests.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"RequestSampler({self.requests.get_description()})"
+
+
+class BoundedExport(SpanProcessor):
+    """Ended spans into a bounded queue; one daemon thread exports them in batches. A full queue drops and
+    counts: the hot path only ever appends to a deque."""
+
+    def __init__(self, exporter, max_queue: int, spans: Counter) -> None:
+        self.exporter, self.max_queue = exporter, max_queue
+        self.exported, self.dropped, self.failed = (spans.labels(outcome) for outcome in ("exported", "dropped",
+                                                                                           "failed"))
+        self.queue: deque[ReadableSpan] = deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="otel-export", daemon=True)
+        self.thread.start()
+
+    def on_start(self, span, parent_context=None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if len(self.queue) >= self.max_queue:
+            self.dropped.inc()
+            return
+        self.queue.append(span)
+        if len(self.queue) >= EXPORT_BATCH:
+            self.wake.set()
+
+    def _work(self) -> None:
+        while not self.stopping:
+            self.wake.wait(EXPORT_EVERY_S)
+            self.wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        queue = self.queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(EXPORT_BATCH, len(queue)))]
+            try:
+                result = self.exporter.export(batch)
+            except Exception:  # an exporter bug must not end the thread
+                log.exception("trace export failed")
+                result = SpanExportResult.FAILURE
+            (self.exported if result is SpanExportResult.SUCCESS else self.failed).inc(len(batch))
+
+    def shutdown(self, timeout_s: float = 2.0) -> None:
+        """Export what is queued, for at most ``timeout_s``, then stop (what is left is counted as dropped)."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout_s)
+        self.dropped.inc(len(self.queue))
+        self.queue.clear()
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._drain()
+        return True
+
+
+class Tracing:
+    """The tracer, the exporter thread and the helpers the app, the engine and the batcher call."""
+
+    def __init__(self, endpoint: str, ratio: float, max_queue: int, timeout_s: float, spans: Counter,
+                 service_name: str = "sentence-classifier") -> None:
+        self.endpoint = endpoint
+        self.export = BoundedExport(OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s), max_queue, spans)
+        self.provider = TracerProvider(sampler=RequestSampler(ratio), resource=Resource.create(
+            {"service.name": service_name, "service.version": __version__}))
+        self.provider.add_span_processor(self.export)
+        self.tracer = self.provider.get_tracer("service", __version__)
+        self.propagator = TraceContextTextMapPropagator()
+        # Every span's times come from the monotonic clock (loop.time() is time.monotonic()), shifted once to the
+        # epoch: spans made after the fact (queue waits, model runs) then nest exactly inside their request's.
+        self.offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def ns(self, monotonic_s: float) -> int:
+        return int(monotonic_s * 1e9) + self.offset_ns
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() + self.offset_ns
+
+    def start_request(self, method: str, route: str, headers: list[tuple[bytes, bytes]]):
+        """The request's SERVER span if it is sampled, else None (then nothing else is traced for it)."""
+        parent = None
+        for name, value in headers:
+            if name == b"traceparent":
+                carrier = {"traceparent": value.decode("latin-1")}
+                for other, state in headers:
+                    if other == b"tracestate":
+                        carrier["tracestate"] = state.decode("latin-1")
+                parent = self.propagator.extract(carrier)
+                break
+        span = self.tracer.start_span(f"{method} {route}", context=parent, kind=trace.SpanKind.SERVER,
+                                      attributes={"http.request.method": method, "http.route": route},
+                                      start_time=self.now_ns())
+        if not span.is_recording():
+            return None
+        return span
+
+    def end_request(self, span, status: int) -> None:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span.end(self.now_ns())
+
+    def batch(self, provider: str) -> BatchTrace:
+        return BatchTrace(self, provider)
+
+    def shutdown(self, timeout_s: float) -> None:
+        self.export.shutdown(max(0.0, timeout_s))
+
+
+class BatchTrace:
+    """One engine's model runs and queue waits (the batcher's ``trace`` hook)."""
+
+    def __init__(self, tracing: Tracing, provider: str) -> None:
+        self.tracing, self.provider = tracing, provider
+
+    def ran(self, batch: list[Item], started: float, ended: float, padded_tokens: int, real_tokens: int,
+            failed: bool) -> None:
+        """A batch ran from ``started`` to ``ended`` (loop time): its model-run span, linked both ways to the
+        sampled requests it served, and each of their sentences' queue wait."""
+        requests = {id(item.job): item.job.span for item in batch if item.job.span is not None}
+        if not requests:
+            return
+        tracing = self.tracing
+        tracer, ns = tracing.tracer, tracing.ns
+        start_ns, end_ns = ns(started), ns(ended)
+        links = [trace.Link(span.get_span_context()) for span in requests.values()]
+        run = tracer.start_span("model run", context=otel_context.Context(), links=links, start_time=start_ns,
+                                attributes={"scs.batch.size": len(batch), "scs.batch.padded_tokens": padded_tokens,
+                                            "scs.batch.real_tokens": real_tokens,
+                                            "scs.batch.padding_ratio": padded_tokens / real_tokens,
+                                            "scs.batch.requests": len(requests), "scs.provider": self.provider})
+        if failed:
+            run.set_status(trace.Status(trace.StatusCode.ERROR, "the model run failed"))
+        run.end(end_ns)
+        run_context = run.get_span_context()
+        for span in requests.values():
+            span.add_link(run_context)
+        for item in batch:
+            span = item.job.span
+            if span is not None:
+                wait = tracer.start_span("queue wait", context=trace.set_span_in_context(span),
+                                         start_time=ns(item.enqueued),
+                                         attributes={"scs.sentence.index": item.index,
+                                                     "scs.sentence.tokens": item.length})
+                wait.end(start_ns)
