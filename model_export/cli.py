@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(tune)
     tune.add_argument("--budget", required=True, help="wall-clock budget for the search: 600, 90s, 10m, 1h30m")
     tune.add_argument("--out", type=Path, help="artifact folder to export the winner to, e.g. models/cr/1")
-    tune.add_argument("--results", type=Path, help="folder for the results table, plot and config (default: the "
-                      "--out folder, else tune-<dataset>)")
+    tune.add_argument("--results", type=Path, help="without --out: folder for the results table, plot and config "
+                      "(default tune-<dataset>); with --out they go into the artifact folder")
     tune.add_argument("--trials", type=int, help="at most N configurations, the default's included (default: as "
                       "many as the budget holds)")
     tune.add_argument("--space", type=Path, help="JSON or TOML file: hyperparameter -> list of choices, replacing "
@@ -159,6 +159,8 @@ def command_tune(args) -> None:
     budget = parse_budget(args.budget)
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.results is not None and args.out is not None:
+        raise UserError("--results is for a search without --out; with --out the results go into the artifact folder")
     if args.out is not None:
         check_output_folder(args.out, args.force)
         if not args.out.name.isdigit():
@@ -167,7 +169,8 @@ def command_tune(args) -> None:
     fixed = {f.name for f in fields(TrainConfig) if getattr(args, f"hp_{f.name}") is not None}
     space = load_space(args.space, fixed)
     config, dataset = _config_and_data(args)
-    results = args.results or args.out or Path(f"tune-{dataset.name}")
+    results = args.results or Path(f"tune-{dataset.name}")
+    limit = f" --limit {args.limit}" if args.limit is not None else ""  # the same rows: --limit is not a hyperparameter
     if args.out is None:
         check_output_folder(results, args.force)
     search = Search(dataset, config, space, budget, args.trials)
@@ -176,21 +179,21 @@ def command_tune(args) -> None:
     tuning = record(search, winner)
     if args.out is None:
         test = test_scores(fitted, dataset, winner.config.max_length)
-        write_results(results, search, winner, test)
+        write_results(results, search, winner, test, limit)
         print(f"winner on test (touched once): accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
-              f"wrote {results}/tune_results.md and tune_config.json (train --config {results}/tune_config.json "
-              f"retrains it)")
+              f"wrote {results}/tune_results.md and tune_config.json (train --config {results}/tune_config.json"
+              f"{limit} retrains it)")
         return
     info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
             "licence": _licence(Path(args.data))}
     def extras(folder: Path) -> None:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        write_results(folder, search, winner, manifest["metrics"])
+        write_results(folder, search, winner, manifest["metrics"], limit)
 
     build_artifact(dataset, winner.config, args.out, args.name or args.out.resolve().parent.name, args.out.name,
                    info, progress=False, fitted=fitted, tuning=tuning, extras=extras)
     print(f"wrote {args.out} with the winner (tune_results.md, tune_config.json beside the model; "
-          f"train --config {args.out}/tune_config.json retrains it)")
+          f"train --config {args.out}/tune_config.json{limit} retrains it)")
 
 
 def command_seeds(args) -> None:

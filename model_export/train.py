@@ -132,6 +132,7 @@ class Training:
             seen += len(batch)
             if on_batch is not None:
                 on_batch(self.epoch, total_loss / seen, max(self.best_accuracy, 0.0))
+        self.optimizer.zero_grad(set_to_none=True)  # a paused run holds no gradients
         predictions = predict(model, self.val_ids, self.pad_id).argmax(1)
         val_accuracy = float((predictions == self.val_targets).mean())
         self.torch_state = torch.get_rng_state()
@@ -147,13 +148,17 @@ class Training:
 
     def result(self) -> TrainResult:
         """The model at its best validation epoch (so far, if the run is paused)."""
-        assert self.best_state is not None, "run at least one epoch"
-        self.model.load_state_dict(self.best_state)
+        assert self.epoch > 0, "run at least one epoch"
+        if self.best_state is not None:  # None once released: the model holds the best weights already
+            self.model.load_state_dict(self.best_state)
         self.model.eval()
         return TrainResult(self.model, self.best_epoch, self.best_accuracy, self.seconds, list(self.history))
 
     def release(self) -> None:
-        """Drop the optimizer and the training data references (a finished or discarded run keeps its model)."""
+        """A finished run keeps only its best model: drop the optimizer, the training data references and the
+        separate copy of the best weights (loaded into the model)."""
+        self.result()
+        self.best_state = None
         self.optimizer = self.scheduler = None  # type: ignore[assignment]
         self.train_ids = self.val_ids = []
 

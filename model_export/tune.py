@@ -14,7 +14,8 @@ Why a trial must beat the default by more than noise: on a small dataset the val
 sentences, where one sentence is 0.3 points, and the best of dozens of trials wins partly by luck (measured on
 ``cr``, 340 validation sentences: the trial one sentence ahead of the default on validation was 4.8 points behind
 it on test). So a trial replaces the default only if, on the validation sentences where the two disagree, it is
-right significantly more often (a one-sided sign test at 5%, ``beats``); the best such trial wins, else the default.
+right significantly more often: an exact one-sided sign test at 5%, Bonferroni-corrected for the number of
+complete trials compared (``beats``); the best such trial wins, else the default.
 
 Deterministic for a seed while the budget lasts: configurations are drawn from a seeded generator and every
 decision depends on validation scores only, except where the budget cuts the search short (that depends on the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -40,7 +40,7 @@ from .pipeline import Prepared, prepare
 from .train import Training
 
 ETA = 3
-Z = statistics.NormalDist().inv_cdf(0.95)  # one-sided 5%: how far ahead of the default a trial must be
+ALPHA = 0.05  # the sign test's level, shared by all the complete trials compared with the default
 # What matters for this model, with choices around the defaults (``--space`` replaces any of them).
 SPACE: dict[str, list] = {
     "embedding_dim": [64, 128, 256],
@@ -122,7 +122,10 @@ class Trial:
 
     @property
     def score(self) -> float:
-        return self.scores[-1] if self.scores else -1.0
+        """Best validation accuracy at the last milestone reached (or so far, if cut before the first)."""
+        if self.scores:
+            return self.scores[-1]
+        return self.run.best_accuracy if self.run and self.run.epoch else 0.0
 
     @property
     def seconds(self) -> float:
@@ -252,21 +255,24 @@ class Search:
                  f"val {trial.score:.4f} (winner so far {best.score if best else 0:.4f}) "
                  f"{self.elapsed:5.0f}s/{self.budget_s:.0f}s  {_short(changed) or 'default'}")
 
-    def promotable(self) -> Trial | None:
-        """A paused trial in the best 1/ETA of the trials that reached its milestone (highest milestone first)."""
+    def promotable(self, finishing: bool = False) -> Trial | None:
+        """A paused trial in the best 1/ETA of the trials that reached its milestone (highest milestone first).
+        ``finishing`` (no new configuration can start): the best one of a milestone goes on even if fewer than
+        ETA reached it."""
         for rung in range(max((t.rung for t in self.trials), default=0), 0, -1):
             reached = [t for t in self.trials if t.rung >= rung]
             ranked = sorted(reached, key=lambda t: (-t.scores[rung - 1], t.number))
-            for trial in ranked[: len(reached) // ETA]:
+            quota = max(1, len(reached) // ETA) if finishing else len(reached) // ETA
+            for trial in ranked[:quota]:
                 if not trial.complete and trial.rung == rung:
                     return trial
         return None
 
     def beats(self, trial: Trial) -> bool:
         """Whether ``trial`` is right on significantly more of the validation sentences where it and the default
-        disagree (one-sided sign test, normal approximation)."""
-        wins, losses = trial.versus(self.trials[0])
-        return wins - losses > Z * math.sqrt(wins + losses)
+        disagree: exact one-sided sign test at ``ALPHA`` over the complete trials compared (Bonferroni)."""
+        compared = max(1, sum(t.complete for t in self.trials[1:]))
+        return sign_test(*trial.versus(self.trials[0])) < ALPHA / compared
 
     def best(self) -> Trial | None:
         """The winner: among the complete trials that beat the default (and the default itself), the best
@@ -283,21 +289,24 @@ class Search:
         self._remember(self.base)
         while not default.complete:
             self.advance(default, must_finish=True)
+        capped = exhausted = False
         while True:
             candidate = self.promotable()
-            if candidate is None and (self.max_trials is None or len(self.trials) < self.max_trials):
+            capped = self.max_trials is not None and len(self.trials) >= self.max_trials
+            if candidate is None and not capped and not exhausted:
                 config = self._new_config()
+                exhausted = config is None
                 if config is not None:
                     if not self._finish_leader_if_the_end_is_near(config):
                         self.stopped_by = "the budget (its last part went to finishing the leading paused trial)"
                         break
                     candidate = self._add(config)
-            if candidate is None:  # nothing new to try: take the best paused trials on to their end
-                paused = [t for t in self.trials if not t.complete and t.run is not None]
-                if not paused:
-                    self.stopped_by = self.stopped_by or "every trial ran to its end"
+            if candidate is None:  # nothing new can start: the best paused trial of a milestone goes on
+                candidate = self.promotable(finishing=True)
+                if candidate is None:
+                    self.stopped_by = ("the trial cap (--trials)" if capped else "the search space running out"
+                                       ) + "; the trials halving left paused stay paused"
                     break
-                candidate = max(paused, key=lambda t: (t.rung, t.score, -t.number))
             if not self.advance(candidate):
                 self.stopped_by = "the budget"
                 if candidate.run is not None and candidate.run.epoch == 0:
@@ -325,6 +334,15 @@ class Search:
         return True
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """P(at least ``wins`` of ``wins + losses`` fair coin flips): the one-sided p-value that a trial which won
+    ``wins`` and lost ``losses`` of the disputed validation sentences is no better than the default."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
 def _short(values: dict) -> str:
     names = {"embedding_dim": "emb", "hidden_size": "hid", "bidirectional": "bi", "dropout": "drop",
              "embedding_dropout": "edrop", "learning_rate": "lr", "epochs": "ep", "vocab_size": "vocab",
@@ -344,7 +362,7 @@ def results(search: Search, winner: Trial) -> list[dict]:
     return rows
 
 
-def write_results(folder: Path, search: Search, winner: Trial, test: dict | None) -> None:
+def write_results(folder: Path, search: Search, winner: Trial, test: dict | None, limit: str = "") -> None:
     """tune_results.csv / .md, tune_scores.png, and tune_config.json (``train --config`` retrains the winner)."""
     import csv
 
@@ -362,11 +380,14 @@ def write_results(folder: Path, search: Search, winner: Trial, test: dict | None
              f"{len(rows)} trials, {sum(t.complete for t in search.trials)} complete; stopped by "
              f"{search.stopped_by}. Scores are validation accuracy and macro-F1 at each trial's best epoch; trial 0 "
              f"is the default configuration; vs_default counts the validation sentences a trial gets right and the "
-             f"default wrong, and the reverse; a complete trial can win only if that lead is significant (one-sided "
-             f"sign test, 5%). Winner: trial {winner.number}.", ""]
+             f"default wrong, and the reverse; a complete trial can win only if that lead is significant (exact "
+             f"one-sided sign test at 5%, Bonferroni-corrected over the complete trials). Winner: trial "
+             f"{winner.number}.", ""]
     if test is not None:
         lines += [f"Winner on the test split (touched once, after the search): accuracy {test['accuracy']:.4f}, "
                   f"macro-F1 {test['macro_f1']:.4f}.", ""]
+    lines += [f"`python -m model_export train DATA --config tune_config.json{limit} --out ...` retrains the winner "
+              f"(the same data flags as this search).", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in columns) + " |" for row in rows]
     (folder / "tune_results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -382,6 +403,7 @@ def record(search: Search, winner: Trial) -> dict:
             "trials": len(search.trials), "complete": sum(t.complete for t in search.trials),
             "stopped_by": search.stopped_by, "winner": winner.number,
             "selection": "the best complete trial on validation accuracy among those that beat the default "
-                         "(one-sided sign test at 5% on the validation sentences where they disagree), else the default",
+                         "(exact one-sided sign test at 5%, Bonferroni over the complete trials, on the validation "
+                         "sentences where they disagree), else the default",
             "winner_validation_accuracy": winner.score, "default_validation_accuracy": search.trials[0].score,
             "space": search.space}

@@ -13,7 +13,7 @@ import pytest
 import contract
 from conftest import ROOT, assert_one_line_error, run_cli
 from model_export.config import TrainConfig
-from model_export.tune import ETA, milestones, parse_budget
+from model_export.tune import ETA, milestones, parse_budget, sign_test
 
 DATA = ["data/banking77", "--label-column", "category", "--limit", "800"]
 # The default trial (trial 0) is these fixed flags; the space varies the rest.
@@ -59,10 +59,11 @@ def test_a_tiny_search_exports_a_valid_artifact_with_its_results(tuned: Path):
     eligible = [row for row in table if row["trial"] == "0" or row["beats_default"] == "True"]
     assert winners[0] in eligible  # the default, or a trial significantly ahead of it on validation
     assert float(winners[0]["val_accuracy"]) == max(float(row["val_accuracy"]) for row in eligible)
+    compared = sum(row["status"] == "complete" for row in table[1:])
     for row in table[1:]:
         wins, losses = (int(n) for n in row["vs_default"].lstrip("+").split("/-"))
-        if row["beats_default"] == "True":
-            assert wins - losses > 1.6449 * (wins + losses) ** 0.5
+        assert (row["beats_default"] == "True") == (row["status"] == "complete"
+                                                    and sign_test(wins, losses) < 0.05 / compared)
     record = manifest.training["tune"]
     assert record["winner"] == int(winners[0]["trial"]) and record["trials"] == 6
     assert record["space"]["dropout"] == [0.1, 0.5] and "embedding_dim" not in record["space"]  # fixed by a flag
@@ -145,6 +146,16 @@ def test_a_dataset_too_small_to_split_is_one_line(tmp_path: Path):
     assert_one_line_error(result, "class 'b' has 1 row(s)")
 
 
+def test_results_beside_an_artifact_refuse_a_second_folder(tmp_path: Path):
+    result = cli("tune", *DATA, "--budget", "1m", "--out", str(tmp_path / "m" / "1"), "--results", str(tmp_path / "r"))
+    assert_one_line_error(result, "--results is for a search without --out")
+
+
+def test_the_sign_test_is_exact():
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 0) == 0.125 and sign_test(6, 1) == 8 / 128
+    assert sign_test(25, 5) < 0.001 < sign_test(12, 5) < 0.2
+
+
 def test_budget_parsing_and_milestones():
     assert parse_budget("10m") == 600 and parse_budget("90s") == 90 and parse_budget("1h30m") == 5400
     assert parse_budget("45") == 45 and parse_budget("2.5m") == 150
@@ -178,3 +189,6 @@ def test_a_trial_must_beat_the_default_by_more_than_noise():
     assert lucky.versus(default) == (1, 0) and not search.beats(lucky) and search.best() is default
     search.trials = [default, lucky, better]
     assert better.versus(default) == (25, 5) and search.beats(better) and search.best() is better
+    # Bonferroni: 12 won, 5 lost is p = 0.072 alone; never enough, and less so among more trials
+    fair = trial(3, list(range(12, 40)) + list(range(40, 45)), 307 / 340)
+    assert fair.versus(default) == (12, 5) and not search.beats(fair)
