@@ -62,7 +62,9 @@ class Config:
     pausable: bool = True
 
 
-KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", "traced", "traced-dead", *PEERS)
+KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", "traced", "traced-sampled", "traced-dead",
+         *PEERS)
+COLLECTED = ("traced", "traced-sampled")  # the configurations that export to the harness's OTLP receiver
 DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2")
 
 def configs(model_dir: Path, port_of, reference: Path | None = None,
@@ -96,6 +98,11 @@ def configs(model_dir: Path, port_of, reference: Path | None = None,
                          [python, "-m", "service", *model, *where("traced")],
                          SERVER_ENV | {"SCS_OTEL_ENDPOINT": f"http://127.0.0.1:{port_of('collector')}",
                                        "SCS_OTEL_SAMPLE_RATIO": "1"}, service=True),
+        "traced-sampled": Config("traced-sampled",
+                                 "service, batching on, 10% of requests traced (a live OTLP receiver)",
+                                 [python, "-m", "service", *model, *where("traced-sampled")],
+                                 SERVER_ENV | {"SCS_OTEL_ENDPOINT": f"http://127.0.0.1:{port_of('collector')}",
+                                               "SCS_OTEL_SAMPLE_RATIO": "0.1"}, service=True),
         "traced-dead": Config("traced-dead", "service, batching on, every request traced, collector down",
                               [python, "-m", "service", *model, *where("traced-dead")],
                               SERVER_ENV | {"SCS_OTEL_ENDPOINT": f"http://127.0.0.1:{port_of('nobody')}",
@@ -244,7 +251,8 @@ def run(args, run_data: dict, log_dir: Path) -> None:
     known = configs(args.model_dir, lambda name: ports.setdefault(name, free_port()), args.reference, peer_python)
     chosen = [known[name] for name in args.configs]
     servers: dict[str, Server] = {}
-    if "traced" in args.configs:  # the collector the traced service exports to
+    collector = None
+    if set(COLLECTED) & set(args.configs):  # the collector the traced services export to
         collector = Server("collector", [sys.executable, "-m", "loadtest.otlp_receiver", "--port",
                                          str(ports["collector"])], ports["collector"], {}, pausable=False)
         collector.start(args.load_core, log_dir / "collector.log")
@@ -306,7 +314,12 @@ def run(args, run_data: dict, log_dir: Path) -> None:
             say(f"{config.name:>8} open {rate:7.0f} req/s -> {point['rps']:7.0f} answered, p50 {point['p50_ms']:7.1f} "
                 f"p99 {point['p99_ms']:7.1f} ms errors {point['errors']} (lag {point['lag_ms']:.0f} ms)")
     for server in servers.values():
-        server.stop()
+        server.stop()  # a traced service exports what it still holds as it stops
+    if collector is not None:
+        import httpx
+
+        run_data["collector"] = httpx.get(collector.url + "/spans", timeout=10).json()
+        collector.stop()
 
 
 def open_rates(run_data: dict, args) -> list[float]:

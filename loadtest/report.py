@@ -194,7 +194,8 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
 
 def _ratios(points: list[dict], levels: list[int]) -> list[str]:
     pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("cores", "on"), ("on", "fastapi"),
-             ("on", "raw"), ("on", "reference")]
+             ("on", "raw"), ("on", "reference"), ("traced", "on"), ("traced-sampled", "on"),
+             ("traced-dead", "on")]
     pairs = [(a, b) for a, b in pairs if closed(points, a) and closed(points, b)]
     if not pairs:
         return ["(no two configurations measured)"]

@@ -25,6 +25,7 @@ from contract import ArtifactError
 
 from . import logs
 from .app import App, create_app
+from .errors import StartupError
 from .protocol import http_protocol
 from .settings import Settings
 from .state import ServiceState
@@ -142,7 +143,7 @@ def serve(settings: Settings, sockets: list | None = None, worker: int | None = 
         logs.configure(settings.log_level, settings.log_format, worker=worker)
     try:
         app = create_app(settings)
-    except ArtifactError as error:
+    except (ArtifactError, StartupError) as error:
         log.error("refusing to start: %s", error)
         print(f"error: refusing to start: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from . import logs
 from .api import create_api
 from .asgi import respond
 from .classify import ClassifyRoute
-from .errors import ServiceError
+from .errors import ServiceError, StartupError
 from .metrics import Metrics
 from .repository import Repository
 from .runtime import Runtime
@@ -191,16 +191,20 @@ def endpoint(path: str) -> str:
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> App:
     """The app for ``settings``: loads and checks the repository's models (``ArtifactError`` when none can be
-    served). ``runtime``: an already opened version, served in place of loading that folder (tests)."""
+    served; ``StartupError`` when tracing is on without OpenTelemetry installed). ``runtime``: an already opened
+    version, served in place of loading that folder (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
     tracing = None
     endpoint = settings.traces_endpoint()
     if endpoint:
-        from .tracing import Tracing  # OpenTelemetry is imported only when tracing is on
-
+        try:
+            from .tracing import Tracing  # OpenTelemetry is imported only when tracing is on
+        except ImportError as error:
+            raise StartupError(f"tracing is on ({endpoint}) but OpenTelemetry is not installed ({error}): "
+                               f"install the serve extra, or unset SCS_OTEL_ENDPOINT / OTEL_EXPORTER_OTLP_*") from None
         tracing = Tracing(endpoint, settings.otel_sample_ratio, settings.otel_queue_size,
-                          settings.otel_export_timeout_s, metrics.trace_spans)
+                          settings.otel_export_timeout_s, metrics.trace_spans, metrics.traces_skipped)
         log.info("tracing", extra={"fields": {"endpoint": endpoint, "sample_ratio": settings.otel_sample_ratio}})
     repository = Repository(settings, metrics, tracing)
     repository.load_at_start(runtime)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ T = TypeVar("T")
 
 class BatchTrace(Protocol):
     def ran(self, batch: list[Item], started: float, ended: float, padded_tokens: int, real_tokens: int,
-            failed: bool) -> None: ...  # a batch ran (tracing: service/tracing.py)
+            failed: bool) -> None: ...  # a batch ran, times by time.monotonic() (tracing: service/tracing.py)
 
 
 class BatchMetrics(Protocol):
@@ -42,7 +43,7 @@ class Job(Generic[R]):
     """One request: its sentences resolve ``future`` together, in input order. Cancelling the future (the
     client left) drops its sentences that are still queued."""
 
-    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span")
+    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span", "queued_at")
 
     def __init__(self, future: asyncio.Future, count: int, now: float, timeout_s: float,
                  request_id: str | None, span: object | None = None) -> None:
@@ -52,6 +53,8 @@ class Job(Generic[R]):
         self.deadline, self.timeout_s = now + timeout_s, timeout_s
         self.request_id = request_id
         self.span = span  # the request's sampled trace span, or None
+        # time.monotonic() when traced: the loop's clock is only millisecond-exact under uvloop
+        self.queued_at = time.monotonic() if span is not None else 0.0
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
@@ -305,6 +308,7 @@ class Batcher(Generic[R]):
         if self._metrics:
             self._metrics.observe_dispatch([started - item.enqueued for item in batch])
         self.running = len(batch)
+        run_started = time.monotonic()
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_model, [item.ids for item in batch])
             if len(outputs) != len(batch):
@@ -320,16 +324,15 @@ class Batcher(Generic[R]):
             if self._metrics:
                 self._metrics.reject("model_error")
             if self._trace is not None:
-                self._traced(batch, started, loop.time(), failed=True)
+                self._traced(batch, run_started, time.monotonic(), failed=True)
             return
         finally:
             self.running = 0
-        ended = loop.time()
+        if self._trace is not None:
+            self._traced(batch, run_started, time.monotonic(), failed=False)
         if self._metrics:
             lengths = [item.length for item in batch]
-            self._metrics.observe_batch(len(batch), sum(lengths), max(lengths) * len(batch), ended - started)
-        if self._trace is not None:
-            self._traced(batch, started, ended, failed=False)
+            self._metrics.observe_batch(len(batch), sum(lengths), max(lengths) * len(batch), loop.time() - started)
         for item, output in zip(batch, outputs):
             job = item.job
             if job.future.done():

@@ -13,6 +13,10 @@ from typing import Any
 import orjson
 
 
+class StartupError(Exception):
+    """The service cannot start as configured (not an artifact problem): one line, exit code 2."""
+
+
 class ServiceError(Exception):
     """An answer other than 200 for one request."""
 

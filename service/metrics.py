@@ -70,6 +70,10 @@ class Metrics:
         self.trace_spans = Counter("scs_trace_spans_total", "trace spans by outcome: exported, failed (the collector "
                                    "refused or was unreachable) or dropped (the export queue was full)", ["outcome"],
                                    registry=r)
+        for outcome in ("exported", "failed", "dropped"):  # shown at 0 from the start, tracing on or off
+            self.trace_spans.labels(outcome)
+        self.traces_skipped = Counter("scs_traces_skipped_total", "requests not traced because the span export was "
+                                      "backed up (queue full, or the collector failing)", registry=r)
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._reject_children: dict[tuple[str, str, str], Counter] = {}
 

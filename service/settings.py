@@ -47,6 +47,18 @@ class VersionPolicy:
         return "all" if self.kind == "all" else "specific:" + ",".join(map(str, self.versions))
 
 
+def _checked_url(value: str, name: str) -> str:
+    if value and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+        raise ValueError(f"{name}={value!r} is not an http:// or https:// URL (e.g. http://collector:4318)")
+    return value
+
+
+def _traces_url(base: str) -> str:
+    """A collector's base URL -> its OTLP/HTTP traces URL (unless it names that path already)."""
+    base = base.rstrip("/")
+    return base if base.endswith("/v1/traces") else base + "/v1/traces"
+
+
 # Provisional: not yet measured on a GPU (no session has had one). `python -m loadtest.gpu_check` measures the
 # candidates (--batching) on the GPU machine; replace these with its winner and cite the run in README.
 CUDA_BATCH_DEFAULTS: dict[str, int | float] = {"max_batch_size": 256, "max_batch_tokens": 16384}
@@ -114,29 +126,29 @@ class Settings(BaseSettings):
     otel_endpoint: str = Field("", description="OTLP/HTTP collector to send traces to, e.g. http://collector:4318 "
                                "(/v1/traces is added; empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
                                "OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing off)")
-    otel_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of requests traced (by trace id) when the "
-                                     "request's traceparent does not decide")
+    otel_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of requests traced (a random draw each) "
+                                     "when the request's traceparent does not decide")
     otel_queue_size: int = Field(2048, ge=1, description="most finished spans waiting for export; beyond it spans "
                                  "are dropped and counted (scs_trace_spans_total{outcome=\"dropped\"})")
     otel_export_timeout_s: float = Field(5.0, gt=0, description="longest one export to the collector may take")
 
     def traces_endpoint(self) -> str | None:
-        """Where traces go (a full URL), or None: tracing off."""
+        """Where traces go (a full URL), or None: tracing off. SCS_OTEL_ENDPOINT first, then the OpenTelemetry
+        variables (``OTEL_SDK_DISABLED=true`` turns those off); checked when the settings load."""
         if self.otel_endpoint:
-            return self.otel_endpoint.rstrip("/") + "/v1/traces"
+            return _traces_url(self.otel_endpoint)
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
         full = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
         if full:
             return full
         base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-        return base.rstrip("/") + "/v1/traces" if base else None
+        return _traces_url(base) if base else None
 
     @field_validator("otel_endpoint")
     @classmethod
     def _otel_endpoint(cls, value: str) -> str:
-        value = value.strip()
-        if value and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL (e.g. http://collector:4318)")
-        return value
+        return _checked_url(value.strip(), "SCS_OTEL_ENDPOINT")
 
     def batch_limits(self, provider: str = "CPUExecutionProvider") -> BatchLimits:
         """The batching knobs for an engine on ``provider``: on CUDA, the knobs not set explicitly take
@@ -151,6 +163,20 @@ class Settings(BaseSettings):
     def _policy(cls, value: str) -> str:
         VersionPolicy.parse(value)
         return value
+
+    @model_validator(mode="after")
+    def _otel_environment(self) -> "Settings":
+        """The OpenTelemetry variables this service reads are checked as its own settings are."""
+        if self.otel_endpoint or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return self
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+            _checked_url(os.environ.get(name, "").strip(), name)
+        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                    or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+        if self.traces_endpoint() and protocol != "http/protobuf":
+            raise ValueError(f"OTLP protocol {protocol!r}: this service exports traces over http/protobuf only "
+                             f"(point it at the collector's OTLP/HTTP port, usually 4318)")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

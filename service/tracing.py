@@ -9,16 +9,22 @@ What a trace shows, so that a slow request can be explained by the batch it rode
 - one ``model run`` span per batch (its own trace), linked to every sampled request span it served, each of
   which links back to it: batch size, real and padded tokens, padding ratio, provider.
 
-Sampling is by trace id (``SCS_OTEL_SAMPLE_RATIO``) unless the caller's ``traceparent`` decided; a model run is
-traced when any request it served is. Spans are created after the fact with explicit times where they can be
-(queue waits, model runs), and only for sampled requests. Ended spans go to a bounded queue that one thread
-exports; a full queue drops the span and counts it (``scs_trace_spans_total{outcome="dropped"}``), so a slow or
-dead collector never blocks or slows a request.
+Sampling is decided here, before the SDK is called (an unsampled request costs one random draw, not a
+non-recording span): the caller's ``traceparent`` decides when it has one, else a draw at ``SCS_OTEL_SAMPLE_RATIO``;
+a model run is traced when any request it served is (so the SDK itself samples everything it is given). Spans are
+created after the fact with explicit times where they can be (queue waits, model runs), and only for sampled
+requests. Ended spans go to a bounded queue that one thread exports; a full queue drops the span and counts it
+(``scs_trace_spans_total{outcome="dropped"}``). While the queue is full or the collector failing (after a failed
+export: 1 s, doubling to 30 s, until one succeeds), requests are not traced at all (``scs_traces_skipped_total``):
+with the Python SDK, tracing a request costs about as much CPU as serving it (README, "What tracing costs"), so a
+slow or dead collector must not make every request pay for spans that cannot go.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -28,9 +34,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import __version__
@@ -44,23 +50,8 @@ log = logging.getLogger("service.tracing")
 
 EXPORT_BATCH = 512
 EXPORT_EVERY_S = 0.5
-
-
-class RequestSampler(Sampler):
-    """Requests by trace-id ratio (or as their parent decided); a span with links (a model run, created only when
-    a request it served is sampled) always."""
-
-    def __init__(self, ratio: float) -> None:
-        self.requests = ParentBased(TraceIdRatioBased(ratio))
-
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:
-        if links:
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self.requests.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-
-    def get_description(self) -> str:
-        return f"RequestSampler({self.requests.get_description()})"
+MAX_BACKOFF_S = 30.0
+MAX_LINKS = 100_000  # a model run links every request it served (the SDK's default keeps 128)
 
 
 class BoundedExport(SpanProcessor):
@@ -69,13 +60,20 @@ class BoundedExport(SpanProcessor):
 
     def __init__(self, exporter, max_queue: int, spans: Counter) -> None:
         self.exporter, self.max_queue = exporter, max_queue
+        self.backoff_s, self.down_until = 0.0, 0.0  # after a failed export: no new traces until then
         self.exported, self.dropped, self.failed = (spans.labels(outcome) for outcome in ("exported", "dropped",
                                                                                            "failed"))
         self.queue: deque[ReadableSpan] = deque()
         self.wake = threading.Event()
-        self.stopping = False
+        self.draining = threading.Lock()
+        self.stopping = self.stopped = False
         self.thread = threading.Thread(target=self._work, name="otel-export", daemon=True)
         self.thread.start()
+
+    @property
+    def backlogged(self) -> bool:
+        """The queue is full or the collector failing: tracing a request now would only cost it."""
+        return len(self.queue) >= self.max_queue or (self.down_until > 0 and time.monotonic() < self.down_until)
 
     def on_start(self, span, parent_context=None) -> None:
         pass
@@ -93,25 +91,46 @@ class BoundedExport(SpanProcessor):
             self.wake.wait(EXPORT_EVERY_S)
             self.wake.clear()
             self._drain()
+        self._drain()
 
     def _drain(self) -> None:
-        queue = self.queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(EXPORT_BATCH, len(queue)))]
-            try:
-                result = self.exporter.export(batch)
-            except Exception:  # an exporter bug must not end the thread
-                log.exception("trace export failed")
-                result = SpanExportResult.FAILURE
-            (self.exported if result is SpanExportResult.SUCCESS else self.failed).inc(len(batch))
+        with self.draining:  # the export thread, or a flush / shutdown: one at a time
+            while batch := self._take():
+                self._send(batch)
+
+    def _take(self) -> list[ReadableSpan]:
+        batch: list[ReadableSpan] = []
+        try:
+            while len(batch) < EXPORT_BATCH:
+                batch.append(self.queue.popleft())
+        except IndexError:  # empty
+            pass
+        return batch
+
+    def _send(self, batch: list[ReadableSpan]) -> None:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:  # an exporter bug must not end the thread
+            log.exception("trace export failed")
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported.inc(len(batch))
+            self.backoff_s = self.down_until = 0.0
+        else:
+            self.failed.inc(len(batch))
+            self.backoff_s = min(MAX_BACKOFF_S, max(1.0, 2 * self.backoff_s))
+            self.down_until = time.monotonic() + self.backoff_s
 
     def shutdown(self, timeout_s: float = 2.0) -> None:
         """Export what is queued, for at most ``timeout_s``, then stop (what is left is counted as dropped)."""
-        self.stopping = True
+        if self.stopped:
+            return
+        self.stopped = self.stopping = True
         self.wake.set()
-        self.thread.join(timeout_s)
-        self.dropped.inc(len(self.queue))
+        self.thread.join(timeout_s)  # its last round exports what is queued
+        left = len(self.queue)  # still there: the collector is slow or down
         self.queue.clear()
+        self.dropped.inc(left)
         self.exporter.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -123,11 +142,14 @@ class Tracing:
     """The tracer, the exporter thread and the helpers the app, the engine and the batcher call."""
 
     def __init__(self, endpoint: str, ratio: float, max_queue: int, timeout_s: float, spans: Counter,
-                 service_name: str = "sentence-classifier") -> None:
-        self.endpoint = endpoint
+                 skipped: Counter, service_name: str = "sentence-classifier") -> None:
+        self.endpoint, self.skipped = endpoint, skipped
         self.export = BoundedExport(OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s), max_queue, spans)
-        self.provider = TracerProvider(sampler=RequestSampler(ratio), resource=Resource.create(
-            {"service.name": service_name, "service.version": __version__}))
+        self.ratio = ratio
+        self.provider = TracerProvider(
+            sampler=ALWAYS_ON, shutdown_on_exit=False,  # the app's shutdown stops the export, once
+            span_limits=SpanLimits(max_links=MAX_LINKS),
+            resource=Resource.create({"service.name": service_name, "service.version": __version__}))
         self.provider.add_span_processor(self.export)
         self.tracer = self.provider.get_tracer("service", __version__)
         self.propagator = TraceContextTextMapPropagator()
@@ -143,6 +165,9 @@ class Tracing:
 
     def start_request(self, method: str, route: str, headers: list[tuple[bytes, bytes]]):
         """The request's SERVER span if it is sampled, else None (then nothing else is traced for it)."""
+        if self.export.backlogged:
+            self.skipped.inc()
+            return None
         parent = None
         for name, value in headers:
             if name == b"traceparent":
@@ -151,13 +176,17 @@ class Tracing:
                     if other == b"tracestate":
                         carrier["tracestate"] = state.decode("latin-1")
                 parent = self.propagator.extract(carrier)
+                caller = trace.get_current_span(parent).get_span_context()
+                if not caller.is_valid:  # a malformed traceparent is ignored, as W3C says: a new trace
+                    parent = None
+                elif not caller.trace_flags.sampled:
+                    return None  # the caller decided: not sampled
                 break
-        span = self.tracer.start_span(f"{method} {route}", context=parent, kind=trace.SpanKind.SERVER,
+        if parent is None and self.ratio < 1 and random.random() >= self.ratio:
+            return None
+        return self.tracer.start_span(f"{method} {route}", context=parent, kind=trace.SpanKind.SERVER,
                                       attributes={"http.request.method": method, "http.route": route},
                                       start_time=self.now_ns())
-        if not span.is_recording():
-            return None
-        return span
 
     def end_request(self, span, status: int) -> None:
         span.set_attribute("http.response.status_code", status)
@@ -180,8 +209,9 @@ class BatchTrace:
 
     def ran(self, batch: list[Item], started: float, ended: float, padded_tokens: int, real_tokens: int,
             failed: bool) -> None:
-        """A batch ran from ``started`` to ``ended`` (loop time): its model-run span, linked both ways to the
-        sampled requests it served, and each of their sentences' queue wait."""
+        """A batch ran from ``started`` to ``ended`` (time.monotonic()): its model-run span, linked both ways to
+        the sampled requests it served (now, while their spans are open), and each of their sentences' queue wait
+        (just after the answers are on their way: one span per sentence is the bulk of the work)."""
         requests = {id(item.job): item.job.span for item in batch if item.job.span is not None}
         if not requests:
             return
@@ -199,12 +229,19 @@ class BatchTrace:
         run.end(end_ns)
         run_context = run.get_span_context()
         for span in requests.values():
-            span.add_link(run_context)
-        for item in batch:
-            span = item.job.span
-            if span is not None:
+            if span.is_recording():  # not if it already ended (answered 504, or the client left)
+                span.add_link(run_context)
+        waits = [(item.job.span, item.job.queued_at, item.index, item.length) for item in batch
+                 if item.job.span is not None]
+        asyncio.get_running_loop().call_soon(self._queue_waits, waits, start_ns)
+
+    def _queue_waits(self, waits: list[tuple], start_ns: int) -> None:
+        tracer, ns = self.tracing.tracer, self.tracing.ns
+        try:
+            for span, queued_at, index, tokens in waits:
                 wait = tracer.start_span("queue wait", context=trace.set_span_in_context(span),
-                                         start_time=ns(item.enqueued),
-                                         attributes={"scs.sentence.index": item.index,
-                                                     "scs.sentence.tokens": item.length})
+                                         start_time=ns(queued_at),
+                                         attributes={"scs.sentence.index": index, "scs.sentence.tokens": tokens})
                 wait.end(start_ns)
+        except Exception:  # tracing must never break the event loop
+            log.exception("tracing the queue waits failed")

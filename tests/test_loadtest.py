@@ -319,3 +319,21 @@ def test_locust_runs_as_the_compose_profile_runs_it(service, tmp_path: Path) -> 
     rows = (reports / "locust_stats.csv").read_text().splitlines()
     assert rows[0].startswith("Type,Name,Request Count,Failure Count")
     assert "/classify [1 text]" in "\n".join(rows)
+
+
+@pytest.mark.slow
+def test_the_tracing_configs_export_to_a_live_collector_and_are_judged(tmp_path: Path) -> None:
+    result = bench("--configs", "on,traced,traced-dead", "--concurrency", "64", "--seconds", "1", "--warmup", "0",
+                   "--no-open", "--no-ceiling", "--benchmarks", "none", "--out", str(tmp_path / "out"))
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]  # 1: a bar failed (1 s)
+    run = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert not run["skipped"], run["skipped"]
+    traced = [p for p in run["raw_points"] if p["config"] == "traced"]
+    assert traced and traced[0]["rps"] > 50
+    assert run["collector"]["spans"] >= traced[0]["rps"]  # 1 s of requests, each with two spans or more
+    judged = {bar["bar"]: bar["passed"] for bar in run["bars"]}
+    assert "c=64: tracing on (every request, a live collector) >= 90% of tracing off" in judged
+    assert "c=64: tracing on, collector down (closed port) >= 95% of tracing off" in judged
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "| traced / on |" in table and "| traced-dead / on |" in table
+    assert not leftovers(str(tmp_path))

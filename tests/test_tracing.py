@@ -138,23 +138,23 @@ def test_latency_exemplars_carry_the_trace_id(test_artifact: Path, service_facto
 
 
 def test_a_dead_collector_costs_requests_nothing(test_artifact: Path, service_factory):
-    """Pointed at a closed port with a tiny export queue: every request answers 200, and the spans that could
-    not go are counted (failed exports, dropped when the queue was full)."""
+    """Pointed at a closed port with a tiny export queue: every request answers 200; the spans that could not go
+    are counted as failed, and while the queue is full or the collector failing requests are not traced at all
+    (counted as skipped), so they do not pay for spans that cannot go."""
     service = service_factory(test_artifact, OTEL_ENDPOINT=f"http://127.0.0.1:{free_port()}", OTEL_QUEUE_SIZE=16,
-                              OTEL_EXPORT_TIMEOUT_S=2)
+                              OTEL_EXPORT_TIMEOUT_S=1)
     with httpx.Client(base_url=service.url, timeout=30) as client:
-        statuses = [client.post("/classify", json={"text": f"sentence {i}"}).status_code for i in range(200)]
-    assert statuses == [200] * 200
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lost = (service.metric("scs_trace_spans_total", outcome="dropped")
-                + service.metric("scs_trace_spans_total", outcome="failed"))
-        if lost >= 400:  # a request span and a queue wait per request; model runs come on top
-            break
-        time.sleep(0.2)
-    assert lost >= 400
+        statuses = [client.post("/classify", json={"text": f"sentence {i}"}).status_code for i in range(300)]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and service.metric("scs_trace_spans_total", outcome="failed") == 0:
+            time.sleep(0.2)
+        statuses += [client.post("/classify", json={"text": f"sentence {i}"}).status_code for i in range(100)]
+    assert statuses == [200] * 400
+    assert service.metric("scs_trace_spans_total", outcome="failed") >= 16  # the first full queue, tried and lost
     assert service.metric("scs_trace_spans_total", outcome="exported") == 0
-    assert service.metric("scs_trace_spans_total", outcome="dropped") > 0
+    skipped = service.metric("scs_traces_skipped_total")
+    assert skipped >= 300  # a 16-span queue holds at most 8 requests; the rest were never traced
+    assert service.stop() == 0
 
 
 def test_tracing_settings_refuse_bad_values(test_artifact: Path, tmp_path: Path):
@@ -183,3 +183,46 @@ def test_tracing_off_loads_no_sdk(test_artifact: Path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_where_traces_go(monkeypatch):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "SCS_OTEL_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().traces_endpoint() is None
+    assert Settings(otel_endpoint="http://c:4318/").traces_endpoint() == "http://c:4318/v1/traces"
+    assert Settings(otel_endpoint="http://c:4318/v1/traces").traces_endpoint() == "http://c:4318/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318")
+    assert Settings().traces_endpoint() == "https://collector.example:4318/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:4318/custom/path")
+    assert Settings().traces_endpoint() == "http://other:4318/custom/path"  # the full URL, as the standard says
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert Settings().traces_endpoint() is None
+    assert Settings(otel_endpoint="http://c:4318").traces_endpoint() == "http://c:4318/v1/traces"  # ours wins
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(ValidationError, match="http/protobuf only"):
+        Settings()
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4318")
+    with pytest.raises(ValidationError, match="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT='collector:4318' is not an http"):
+        Settings()
+
+
+def test_the_callers_sampled_flag_decides(test_artifact: Path, service_factory, receiver):
+    """At ratio 1 a caller's unsampled traceparent is not traced; at ratio 0 a sampled one is; a malformed one
+    starts a new trace (traced at ratio 1)."""
+    service = service_factory(test_artifact, OTEL_ENDPOINT=receiver.url)
+    unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"
+    malformed = "00-zz-nothex-01"
+    for header in (unsampled, malformed):
+        assert httpx.post(f"{service.url}/classify", json={"text": "card"}, headers={"traceparent": header}).is_success
+    spans = wait_for(receiver, lambda spans: any(s.name == "POST /classify" for s in spans))
+    time.sleep(1.5)  # an export round more: nothing else may come
+    requests = [s for s in receiver.received() if s.name == "POST /classify"]
+    assert len(requests) == 1 and requests[0].trace_id != bytes.fromhex(TRACE_ID)
+    assert requests[0].parent_span_id == b""
