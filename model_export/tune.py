@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
+import contract
+
 from .config import TrainConfig, load_config, read_mapping
 from .data import Dataset
 from .errors import UserError
@@ -289,7 +291,7 @@ class Search:
         self._remember(self.base)
         while not default.complete:
             self.advance(default, must_finish=True)
-        capped = exhausted = False
+        exhausted = False
         while True:
             candidate = self.promotable()
             capped = self.max_trials is not None and len(self.trials) >= self.max_trials
@@ -391,7 +393,7 @@ def write_results(folder: Path, search: Search, winner: Trial, test: dict | None
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in columns) + " |" for row in rows]
     (folder / "tune_results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "tune_config.json").write_text(json.dumps(winner.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    contract.write_json(folder / "tune_config.json", winner.config.to_dict())
     plot_tune([t.number for t in search.trials], [t.score for t in search.trials],
               [t.complete for t in search.trials], winner.number, folder / "tune_scores.png")
 

@@ -143,7 +143,7 @@ class Tracing:
 
     def __init__(self, endpoint: str, ratio: float, max_queue: int, timeout_s: float, spans: Counter,
                  skipped: Counter, service_name: str = "sentence-classifier") -> None:
-        self.endpoint, self.skipped = endpoint, skipped
+        self.skipped = skipped
         self.export = BoundedExport(OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s), max_queue, spans)
         self.ratio = ratio
         self.provider = TracerProvider(
@@ -153,8 +153,8 @@ class Tracing:
         self.provider.add_span_processor(self.export)
         self.tracer = self.provider.get_tracer("service", __version__)
         self.propagator = TraceContextTextMapPropagator()
-        # Every span's times come from the monotonic clock (loop.time() is time.monotonic()), shifted once to the
-        # epoch: spans made after the fact (queue waits, model runs) then nest exactly inside their request's.
+        # Every span's times come from time.monotonic() (the batcher stamps it too), shifted once to the epoch:
+        # spans made after the fact (queue waits, model runs) then nest exactly inside their request's.
         self.offset_ns = time.time_ns() - time.monotonic_ns()
 
     def ns(self, monotonic_s: float) -> int:
