@@ -54,7 +54,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, protected_namespaces=())
 
     name: str = Field(min_length=1)
-    version: str = Field(pattern=r"^\d+$")
+    version: str = Field(pattern=r"^[0-9]{1,18}$")
     created_at: str
     files: dict[str, FileEntry]
     num_classes: int = Field(ge=2)
@@ -135,9 +135,17 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
 
 
+VERSION = re.compile(r"[0-9]{1,18}")  # a version: ASCII digits within int64 ("²" and "١" are digits, not versions)
+
+
+def parse_version(text: str) -> int | None:
+    """A version folder's name or a requested version as an int, or None when it is not one."""
+    return int(text) if VERSION.fullmatch(text) else None
+
+
 def versions(model_dir: Path) -> list[int]:
     """The integer version folders of ``models/<name>``, oldest first (``10`` after ``9``)."""
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION.fullmatch(p.name))
 
 
 def version_folder(model_dir: Path, version: int | None = None) -> Path:

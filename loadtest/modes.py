@@ -2,7 +2,8 @@
 
 - ``on``: batching on (the defaults), one sentence per request;
 - ``off``: batching off (``SCS_MAX_BATCH_SIZE=1``), one sentence per request;
-- ``multi``: batching on, 8 sentences per request.
+- ``multi``: batching on, 8 sentences per request;
+- ``workers``: batching on, one sentence per request, two worker processes (``SCS_WORKERS=2``) on every core.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ MODES: dict[str, tuple[dict[str, str], int]] = {
     "on": ({}, 1),
     "off": ({"SCS_MAX_BATCH_SIZE": "1"}, 1),
     "multi": ({}, 8),
+    "workers": ({"SCS_WORKERS": "2"}, 1),
 }
 
 
@@ -27,8 +29,11 @@ def bodies(mode: str, data: Path) -> list[Body]:
 
 def start_service(mode: str, model_dir: Path, log: Path, env: dict[str, str] | None = None,
                   core: int | str | None = 0) -> Server:
-    """``python -m service`` in ``mode`` on a free 127.0.0.1 port, pinned to ``core``; returns once it is ready."""
-    settings = MODES[mode][0] | {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu"} | (env or {})
+    """``python -m service`` in ``mode`` on a free 127.0.0.1 port, pinned to ``core`` (with several workers, on
+    every core); returns once it is ready."""
+    settings = {"SCS_WORKERS": "1"} | MODES[mode][0] | {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu"} | (env or {})
+    if settings["SCS_WORKERS"] != "1":
+        core = None
     port = free_port()
     server = Server(f"service ({mode})", [sys.executable, "-m", "service", "--model-dir", str(model_dir),
                                           "--host", "127.0.0.1", "--port", str(port)], port, settings)

@@ -1,9 +1,9 @@
 """Soak: each service mode under steady load for a while; zero errors, flat memory, flat latency.
 
-    python -m loadtest.soak [--modes on,off,multi] [--seconds 30] [--clients 8]     # what `make soak` runs
+    python -m loadtest.soak [--modes on,off,multi,workers] [--seconds 30] [--clients 8]     # what `make soak` runs
 
-For each mode (``loadtest.modes``: batching on, batching off, 8-text requests) a fresh ``python -m service`` on
-127.0.0.1 (core 0; this generator on core 1) gets a 3 s warm-up, then ``--clients`` closed-loop clients for
+For each mode (``loadtest.modes``: batching on, batching off, 8-text requests, two workers) a fresh ``python -m service`` on
+127.0.0.1 (core 0, or every core with workers; this generator on core 1) gets a 3 s warm-up, then ``--clients`` closed-loop clients for
 ``--seconds``. Its resident memory is read every 0.5 s. Bars per mode: no failed request; RSS growth from the end
 of the warm-up to the end under ``--max-growth-mb`` (5); p99 latency of the last 10 s within ``--max-p99-ratio``
 (1.5) of the first 10 s. A leak of a few kB per request (what batching off once had) fails the growth bar within
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m loadtest.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "banking77")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "banking77" / "test.csv")
-    parser.add_argument("--modes", default="on,off,multi", help="comma-separated: on, off, multi")
+    parser.add_argument("--modes", default="on,off,multi,workers", help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--seconds", type=float, default=30.0, help="steady load per mode (default 30)")
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients (default 8)")
     parser.add_argument("--max-growth-mb", type=float, default=5.0)

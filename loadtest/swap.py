@@ -1,6 +1,7 @@
 """Version swaps under load: a new version, then a broken one, while clients keep sending; nothing may fail.
 
     python -m loadtest.swap --old models/banking77/1 --new models/banking77/2 [--seconds 20] [--clients 64]
+    python -m loadtest.swap --old models/banking77/1 --new models/banking77/1 --phases churn [--rounds 30]
 
 Two phases, each a fresh ``python -m service`` on a temporary repository holding ``--old`` as version 1 (pinned
 to core 0; this generator on core 1), with ``--clients`` closed-loop clients sending 4-text requests for
@@ -13,6 +14,12 @@ Bars, per phase: every request answered 200; every answer names one version, and
 predictions equals that version's own answer (computed in process from the artifact), so no answer mixes
 versions; version 2 serves after its drop and keeps serving after the broken one is refused; the refusal is
 counted. Prints p99 latency overall and in the 3 s around each swap; exits 1 when a bar fails.
+
+- churn: ``--rounds`` rounds, each 10 concurrent unload and load calls (alternating) on the model the clients
+  send to, then one load; one worker. Answers: 200, or 404 while the model is unloaded. Bars: no other answer (no
+  5xx, no transport error); every round the version reports at least its ``model.onnx`` size in
+  ``memory_bytes`` (the heap its load holds); the resident memory's peak over the second half of the rounds is
+  within ``--max-growth-mb`` of its peak over the first half (a version's memory comes back when it is released).
 """
 
 from __future__ import annotations
@@ -139,6 +146,59 @@ def phase(mode: str, args, reference: dict[str, list[np.ndarray]], bodies, log: 
     return result
 
 
+def churn(args, bodies, log: Path) -> dict:
+    repository = Path(tempfile.mkdtemp(prefix="swap-repo-"))
+    shutil.copytree(args.old, repository / NAME / "1")
+    port = free_port()
+    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_WORKERS": "1"}
+    server = Server("service (churn)", [sys.executable, "-m", "service", "--model-dir", str(repository),
+                                        "--host", "127.0.0.1", "--port", str(port)], port, env)
+    server.start(0, log)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    rounds: list[dict] = []
+
+    def call(action: str) -> int:
+        return httpx.post(f"{server.url}/v2/repository/models/{NAME}/{action}", headers=auth, timeout=60).status_code
+
+    def churning() -> None:
+        pool = gevent.get_hub().threadpool
+        for _ in range(args.rounds):
+            statuses = [job.get() for job in [pool.spawn(call, "unload" if i % 2 == 0 else "load")
+                                              for i in range(10)]]
+            statuses.append(call("load"))
+            versions = httpx.get(f"{server.url}/v1/models", headers=auth, timeout=10).json()["models"][0]["versions"]
+            rounds.append({"statuses": statuses, "rss_mb": server.rss_bytes() / 1e6,
+                           "memory_bytes": versions[0]["memory_bytes"] if versions else 0})
+
+    try:
+        traffic = Traffic(server.url, bodies, connections=args.clients, limit_s=30, headers=auth)
+        worker = gevent.spawn(churning)
+        records = traffic.closed(args.clients, 3600, until=worker.ready)
+        worker.get()
+        traffic.close()
+    finally:
+        server.stop()
+        shutil.rmtree(repository, ignore_errors=True)
+    statuses = {r.status for r in records}
+    failed = [r for r in records if r.status not in ("200", "404")]
+    onnx_bytes = (args.old / "model.onnx").stat().st_size
+    half = len(rounds) // 2
+    result = {"mode": "churn", "rounds": len(rounds), "requests": len(records), "statuses": sorted(statuses),
+              "failed": len(failed), "rss_mb_by_round": [round(r["rss_mb"]) for r in rounds],
+              "memory_bytes_by_round": [r["memory_bytes"] for r in rounds],
+              "rss_growth_mb": max(r["rss_mb"] for r in rounds[half:]) - max(r["rss_mb"] for r in rounds[:half])}
+    problems = []
+    if failed:
+        problems.append(f"{len(failed)} requests failed ({', '.join(sorted({r.status for r in failed}))})")
+    if any(r["memory_bytes"] < onnx_bytes for r in rounds):
+        problems.append(f"memory_bytes under the model's {onnx_bytes} bytes: {result['memory_bytes_by_round']}")
+    if not result["rss_growth_mb"] <= args.max_growth_mb:
+        problems.append(f"RSS peaked {result['rss_growth_mb']:.0f} MB higher in the second half of the rounds than "
+                        f"in the first (bar: <= {args.max_growth_mb:g})")
+    result["problems"] = problems
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m loadtest.swap", description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=Path, required=True, help="the version folder served first")
@@ -146,14 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "banking77" / "test.csv")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--phases", default="poll,api", help="comma-separated: poll, api")
+    parser.add_argument("--phases", default="poll,api", help="comma-separated: poll, api, churn")
+    parser.add_argument("--rounds", type=int, default=30, help="churn: rounds of load/unload calls (default 30)")
+    parser.add_argument("--max-growth-mb", type=float, default=20.0, help="churn: RSS growth bar (default 20)")
     parser.add_argument("--log", type=Path, help="server log (default: a temporary file)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if not phases or set(phases) - {"poll", "api"}:
-        parser.error(f"--phases: choose from poll, api (got {args.phases!r})")
-    if args.seconds < 4 or args.clients < 1:
-        parser.error("--seconds must be >= 4 and --clients >= 1")
+    if not phases or set(phases) - {"poll", "api", "churn"}:
+        parser.error(f"--phases: choose from poll, api, churn (got {args.phases!r})")
+    if args.seconds < 4 or args.clients < 1 or args.rounds < 2:
+        parser.error("--seconds must be >= 4, --clients >= 1 and --rounds >= 2")
     try:
         old, new = contract.read(args.old), contract.read(args.new)
         sentences = read_sentences(args.data)
@@ -169,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure() -> int:
         for mode in phases:
+            if mode == "churn":
+                result = churn(args, bodies, log)
+                results.append(result)
+                print(f"churn: {result['rounds']} rounds, {result['requests']:,} requests ({result['statuses']}), "
+                      f"{result['failed']} failed, RSS by round {result['rss_mb_by_round']} MB, memory_bytes "
+                      f"{min(result['memory_bytes_by_round'])}-{max(result['memory_bytes_by_round'])}"
+                      + (": PASS" if not result["problems"] else ": FAIL"), flush=True)
+                continue
             result = phase(mode, args, reference, bodies, log)
             results.append(result)
             print(f"{mode}: {result['requests']:,} requests, {result['failed']} failed, answers by version "

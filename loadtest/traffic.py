@@ -15,12 +15,11 @@ kind, ``lag_ms`` (how late the generator itself started requests) and ``load_cpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +81,13 @@ class Traffic:
         self.records.append(record)
         return record, body, header
 
-    def closed(self, clients: int, seconds: float) -> list[Record]:
-        """``clients`` loops for ``seconds``, each sending its next request when the last is answered."""
+    def closed(self, clients: int, seconds: float, until: Callable[[], bool] | None = None) -> list[Record]:
+        """``clients`` loops for ``seconds`` (or until ``until()`` is true), each sending its next request when the
+        last is answered."""
         first, stop = len(self.records), time.perf_counter() + seconds
 
         def client() -> None:
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop and not (until and until()):
                 self._one(*self._next(time.perf_counter()))
 
         group = Group()

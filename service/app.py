@@ -34,8 +34,9 @@ class App:
     _ids = itertools.count(1)
     _prefix = os.urandom(4).hex()
 
-    def __init__(self, state: ServiceState) -> None:
+    def __init__(self, state: ServiceState, warm_before_serving: bool = False) -> None:
         self.state = state
+        self.warm_before_serving = warm_before_serving
         self.api = create_api(state)
         self.classify = ClassifyRoute(state)
         self.infer = InferRoute(state)
@@ -117,23 +118,31 @@ class App:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._start()
+                warming = self._start()
+                if self.warm_before_serving:  # a worker on a shared socket takes no connection until it is warm
+                    await warming
+                    if self.state.failure:
+                        await send({"type": "lifespan.startup.failed", "message": self.state.failure})
+                        return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self._stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _start(self) -> None:
+    def _start(self) -> asyncio.Task:
+        """Start the engines, the warm-up (returned) and the background tasks."""
         loop = asyncio.get_running_loop()
         for engine in self.state.repository.all_engines():
             engine.start(self.state.repository.on_failure)
-        self._tasks.append(loop.create_task(self._warm_up(), name="warm-up"))
+        warming = loop.create_task(self._warm_up(), name="warm-up")
+        self._tasks.append(warming)
         if self.state.metrics.multiprocess:
             self._tasks.append(loop.create_task(self._refresh_gauges(), name="gauges"))
         if self.state.settings.repository_poll_s > 0:
             self._tasks.append(loop.create_task(self.state.repository.poll(self.state.settings.repository_poll_s),
                                                 name="repository-poll"))
+        return warming
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -189,10 +198,12 @@ def endpoint(path: str) -> str:
     return "other"
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> App:
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
+               warm_before_serving: bool = False) -> App:
     """The app for ``settings``: loads and checks the repository's models (``ArtifactError`` when none can be
     served; ``StartupError`` when tracing is on without OpenTelemetry installed). ``runtime``: an already opened
-    version, served in place of loading that folder (tests)."""
+    version, served in place of loading that folder (tests). ``warm_before_serving``: the lifespan's start-up ends
+    only once the models are warm (a worker on a shared socket), rather than at once with /readyz 503 meanwhile."""
     settings = settings or Settings()
     metrics = Metrics()
     tracing = None
@@ -208,4 +219,4 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         log.info("tracing", extra={"fields": {"endpoint": endpoint, "sample_ratio": settings.otel_sample_ratio}})
     repository = Repository(settings, metrics, tracing)
     repository.load_at_start(runtime)
-    return App(ServiceState(settings, repository, metrics, tracing))
+    return App(ServiceState(settings, repository, metrics, tracing), warm_before_serving)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 from .errors import too_large
-from .protocol import DISCONNECT_NOTICE
+from .http_protocol import DISCONNECT_NOTICE
 
 JSON = b"application/json"
 
@@ -19,7 +19,7 @@ async def read_body(scope, receive, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to pass ``limit`` (never parsed)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
-            if not value.isdigit() or int(value) > limit:
+            if not value.isdigit() or len(value) > 18 or int(value) > limit:
                 raise too_large(limit)
             break
     chunks, size = [], 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import contract
 
+from . import memory
 from .batcher import Batcher, BatchLimits
 from .drift import DriftMonitor
 from .logs import request_span
@@ -133,6 +134,12 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self.batcher.queue_depth
+
+    def release(self) -> None:
+        """After ``close``: free the session and the tokenizer, and hand the freed pages back to the system."""
+        self.runtime.close()
+        self._encode = None
+        memory.trim()
 
     async def close(self, timeout_s: float) -> bool:
         """Refuse new work and let what is queued finish within ``timeout_s``; False if it did not."""

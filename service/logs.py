@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextvars import ContextVar
@@ -46,12 +47,14 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", fmt: str = "json", worker: int | None = None) -> None:
-    """Route every logger (uvicorn's too) through one stderr handler; a worker's lines name it."""
+    """Route every logger (uvicorn's too) through one stderr handler; a worker's lines name it and its pid (a
+    replaced worker keeps its index)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if worker is not None:
-        handler.addFilter(lambda record: setattr(record, "fields", {"worker": worker} | (getattr(record, "fields", None)
-                                                                                        or {})) or True)
+        who = {"worker": worker, "pid": os.getpid()}
+        handler.addFilter(lambda record: setattr(record, "fields", who | (getattr(record, "fields", None) or {}))
+                          or True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -67,6 +67,8 @@ class Metrics:
                                multiprocess_mode="livemax")
         self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
                                      MODEL, registry=r)
+        self.worker_replacements = Counter("scs_worker_replacements_total", "workers started in place of one that "
+                                           "died, by how it died (SIGKILL, exit_3, ...)", ["cause"], registry=r)
         self.trace_spans = Counter("scs_trace_spans_total", "trace spans by outcome: exported, failed (the collector "
                                    "refused or was unreachable) or dropped (the export queue was full)", ["outcome"],
                                    registry=r)
@@ -105,6 +107,9 @@ class Metrics:
             children[1].observe(seconds)
         else:
             children[1].observe(seconds, {"trace_id": trace_id})
+
+    def worker_replaced(self, cause: str) -> None:
+        self.worker_replacements.labels(cause).inc()
 
     def reject(self, reason: str, model: str = "", version: str = "") -> None:
         key = (reason, model, version)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,8 +27,9 @@ from pathlib import Path
 import contract
 from contract import ArtifactError
 
+from . import memory
 from .engine import Engine
-from .errors import ServiceError, not_found
+from .errors import not_found
 from .metrics import Metrics
 from .runtime import Runtime, load_runtime
 from .settings import Settings, VersionPolicy
@@ -49,7 +48,7 @@ class Refused:
 def layout(root: Path) -> tuple[str, dict[str, Path]]:
     """What ``root`` is ("repository", "model" or "version") and its model folders by name."""
     if (root / contract.MANIFEST).is_file():
-        if not root.name.isdigit():
+        if contract.parse_version(root.name) is None:
             raise ArtifactError(f"{root}: a version folder's name is its version, an integer (as in models/<name>/1)")
         return "version", {root.parent.resolve().name: root.parent}
     if not root.is_dir():
@@ -70,15 +69,6 @@ def fingerprint(folder: Path) -> tuple:
         return ()
 
 
-def rss_bytes() -> int:
-    """This process's resident memory, from /proc (0 where there is none)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class Repository:
     def __init__(self, settings: Settings, metrics: Metrics, tracing=None) -> None:
         self.settings, self.metrics, self.tracing = settings, metrics, tracing  # tracing: service.tracing.Tracing
@@ -96,6 +86,10 @@ class Repository:
         self.unloaded: set[str] = set()  # unloaded through the API: the poll leaves them alone until loaded again
         self.retiring: set[asyncio.Task] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one model thread for every engine
+        # Versions are loaded and released on one thread of their own, one at a time, so each load's memory figure
+        # (the heap it allocated) is never blurred by another load or release (README, "Memory").
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._stuck: dict[str, tuple] = {}  # model -> (wanted, serving) last warned about
         self._lock: asyncio.Lock | None = None
 
     # --- which versions --------------------------------------------------------------------------------------
@@ -143,8 +137,12 @@ class Repository:
         self.changed()
 
     def changed(self) -> None:
-        """The routing table changed: what a request without a model gets (computed here, not per request)."""
-        self._first = min(self._engines or self.models)
+        """The routing table changed: what a request without a model gets (computed here, not per request). With
+        nothing served (every model unloaded) it stays the model last served, so a 404 names the right one."""
+        if self._engines:
+            self._first = min(self._engines)
+        elif not hasattr(self, "_first"):
+            self._first = min(self.models)
 
     # --- loading -----------------------------------------------------------------------------------------------
 
@@ -152,7 +150,7 @@ class Repository:
         """Check and open one version (blocking: call it from a thread once serving); ``ArtifactError`` if broken.
         ``runtime``: one already opened for this folder (tests hand in one with a fault injected)."""
         folder = self.models[name] / str(version)
-        before = rss_bytes()
+        before = memory.heap_in_use()
         runtime = runtime or load_runtime(folder, self.settings.provider, self.settings.intra_op_threads,
                                           self.settings.inter_op_threads)
         if runtime.artifact.version != str(version):
@@ -160,13 +158,14 @@ class Repository:
                                 f"version folder {version}")
         engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor,
                         self.settings.drift_window, self.settings.drift_alert_psi, self.tracing)
-        engine.memory_bytes = max(0, rss_bytes() - before)
+        engine.memory_bytes = max(0, memory.heap_in_use() - before)
         engine.metrics.memory(engine.memory_bytes)
         return engine
 
-    def refuse(self, name: str, version: int, error: Exception) -> None:
-        folder = self.models[name] / str(version)
-        self.refused[(name, version)] = Refused(str(error), fingerprint(folder))
+    def refuse(self, name: str, version: int, error: Exception, state: tuple) -> None:
+        """``state``: the folder's fingerprint taken *before* the check read it, so a copy that completes after the
+        check (a non-atomic publish) counts as a change and is checked again at the next poll."""
+        self.refused[(name, version)] = Refused(str(error), state)
         self.metrics.load_failures.labels(name, str(version)).inc()
         log.error("refused model version", extra={"fields": {"model": name, "version": version, "reason": str(error)}})
 
@@ -175,14 +174,15 @@ class Repository:
         refuses to start only when nothing loads, or when a model named in ``SCS_MODELS`` has no version."""
         for name in self.models:
             for version in self.wanted(name):
-                given = runtime if runtime and runtime.artifact.folder.resolve() == (
-                    self.models[name] / str(version)).resolve() else None
+                folder = self.models[name] / str(version)
+                given = runtime if runtime and runtime.artifact.folder.resolve() == folder.resolve() else None
+                state = fingerprint(folder)
                 try:
                     self.engines.setdefault(name, {})[version] = self.load(name, version, given)
                 except ArtifactError as error:
                     if self.kind != "repository" or self.settings.models:
                         raise
-                    self.refuse(name, version, error)
+                    self.refuse(name, version, error, state)
             if self.settings.models and not self.engines.get(name):
                 raise ArtifactError(f"{self.models[name]}: SCS_MODELS names {name!r}, but none of its versions "
                                     f"{self.wanted(name) or '(none)'} loads")
@@ -205,13 +205,14 @@ class Repository:
         name = model or self.default_model
         versions = self.engines.get(name)
         if not versions:
-            raise not_found(f"model {name!r} is not served (served: {', '.join(sorted(self.engines)) or 'none'})")
+            raise not_found(f"model {name[:100]!r} is not served (served: {', '.join(sorted(self.engines)) or 'none'})")
         if version is None:
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
-            raise not_found(f"model {name!r} has no version {version!r} served (served: "
+        number = contract.parse_version(version)
+        if number not in versions:
+            raise not_found(f"model {name!r} has no version {version[:40]!r} served (served: "
                             f"{', '.join(map(str, sorted(versions)))})")
-        return versions[int(version)]
+        return versions[number]
 
     async def sync(self, only: str | None = None, retry_refused: bool = False) -> dict:
         """Bring the routing table to what the repository and the policies say now: load, warm up and add new
@@ -229,18 +230,20 @@ class Repository:
                 except (ArtifactError, OSError) as error:
                     changes["refused"].append({"model": name, "reason": str(error)})
                     continue
+                self._forget_deleted(name)
                 current = self.engines.get(name, {})
                 for version in sorted(wanted - set(current)):
+                    state = fingerprint(self.models[name] / str(version))
                     refused = self.refused.get((name, version))
-                    if refused and not retry_refused and \
-                            refused.fingerprint == fingerprint(self.models[name] / str(version)):
+                    if refused and not retry_refused and refused.fingerprint == state:
                         continue  # unchanged since it was refused
                     try:
-                        engine = await asyncio.to_thread(self.load, name, version)
+                        engine = await asyncio.get_running_loop().run_in_executor(self.loader, self.load, name,
+                                                                                  version)
                         engine.start(self.on_failure)
                         await engine.warm_up()
                     except Exception as error:  # a broken artifact, or a warm-up that fails: refused either way
-                        self.refuse(name, version, error)
+                        self.refuse(name, version, error, state)
                         changes["refused"].append({"model": name, "version": version, "reason": str(error)})
                         continue
                     self.refused.pop((name, version), None)
@@ -251,13 +254,22 @@ class Repository:
                                                                         "memory_bytes": engine.memory_bytes}})
                 serving = self.engines.get(name, {})
                 if not wanted & set(serving):
-                    if serving:  # nothing wanted loads (broken, or its folders are gone): what serves, keeps serving
+                    stuck = (tuple(sorted(wanted)), tuple(sorted(serving)))
+                    if serving and self._stuck.get(name) != stuck:  # said once, not at every poll
                         log.warning("no wanted version of %s loads; still serving %s", name, sorted(serving))
+                    self._stuck[name] = stuck
                     continue
+                self._stuck.pop(name, None)
                 for version in sorted(set(serving) - wanted):
                     self.retire(name, version)
                     changes["retired"].append({"model": name, "version": version})
             return changes
+
+    def _forget_deleted(self, name: str) -> None:
+        """Refused versions whose folder is gone are no longer reported."""
+        for key in [key for key in self.refused if key[0] == name]:
+            if not (self.models[name] / str(key[1])).is_dir():
+                del self.refused[key]
 
     async def unload(self, name: str) -> dict:
         """Stop serving every version of ``name`` (its queued work finishes first)."""
@@ -283,6 +295,8 @@ class Repository:
     async def _release(self, engine: Engine) -> None:
         await engine.close(self.settings.request_timeout_s + 1)
         engine.metrics.remove()
+        # On the loading thread: a load's memory figure is never taken while a release frees pages.
+        await asyncio.get_running_loop().run_in_executor(self.loader, engine.release)
 
     async def poll(self, period: float) -> None:
         """``SCS_REPOSITORY_POLL_S``: look at the repository every ``period`` seconds."""
@@ -303,6 +317,7 @@ class Repository:
         results = await asyncio.gather(*(engine.close(timeout_s) for engine in engines), *self.retiring,
                                        return_exceptions=True)
         self.executor.shutdown(wait=False)
+        self.loader.shutdown(wait=False)
         return all(result is True or result is None for result in results)
 
     def describe(self) -> list[dict]:
@@ -324,7 +339,3 @@ class Repository:
             })
         return out
 
-
-def check_model_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
-        raise ServiceError(400, "invalid_model_name", f"{name[:60]!r} is not a model name")

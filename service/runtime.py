@@ -51,6 +51,10 @@ class Runtime:
         ranked = np.argsort(-probabilities, axis=1, kind="stable")
         return list(map(Scores, probabilities.tolist(), ranked.tolist()))
 
+    def close(self) -> None:
+        """A retired version: let go of the session and the tokenizer (freed now, unless a run still holds them)."""
+        self.session = self.artifact = None
+
     def warmup(self) -> None:
         """A few batch shapes, so the first requests do not pay for onnxruntime's lazy set-up."""
         unk, longest = self.artifact.manifest.unk_id, self.artifact.manifest.max_length

@@ -7,6 +7,7 @@ describe them for /docs.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,12 +110,21 @@ def problem_with_text(text: str, max_chars: int) -> tuple[str, str] | None:
     """Why ``text`` cannot be classified, as (error type, message), or None: the rule /classify and V2 share."""
     if len(text) > max_chars:
         return "text_too_long", f"text has {len(text)} characters; the limit is {max_chars}"
-    if not text.strip():
-        return "empty_text", "text is empty or only whitespace"
+    if blank(text):
+        return "empty_text", "text is empty or only whitespace and invisible characters"
     match = CONTROL.search(text)
     if match:
         return "control_character", f"text holds control character U+{ord(match.group()):04X} at index {match.start()}"
     return None
+
+
+def blank(text: str) -> bool:
+    """Nothing to classify: only whitespace and invisible format characters (zero-width spaces and joiners, the
+    byte-order mark: Unicode category Cf), which tokenizers drop."""
+    stripped = text.strip()
+    if not stripped or stripped.isascii():
+        return not stripped
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in stripped)
 
 
 def check_text(text: str, limits: Limits) -> None:

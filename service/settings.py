@@ -22,7 +22,8 @@ class VersionPolicy:
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
-        found = re.fullmatch(r"\s*(latest)(?::(\d+))?\s*|\s*(all)\s*|\s*(specific):(\d+(?:,\d+)*)\s*", text)
+        found = re.fullmatch(r"\s*(latest)(?::([0-9]{1,9}))?\s*|\s*(all)\s*|\s*(specific):([0-9]{1,18}(?:,[0-9]{1,18})*)\s*",
+                             text)
         if not found:
             raise ValueError(f"version policy {text!r}: expected latest, latest:N, all or specific:1,2")
         if found.group(1):
@@ -107,6 +108,9 @@ class Settings(BaseSettings):
     # Server
     workers: int = Field(0, ge=0, le=256, description="server processes sharing the port, each a whole service with "
                          "its own model thread (0: the CPUs this process may use: affinity and cgroup quota)")
+    worker_crash_limit: int = Field(5, ge=1, description="with workers: this many worker deaths within "
+                                    "worker_crash_window_s stop the service (exit 3); fewer are each replaced")
+    worker_crash_window_s: float = Field(60.0, gt=0, description="the window worker_crash_limit counts deaths in")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

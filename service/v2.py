@@ -251,7 +251,7 @@ class InferRoute:
         length, encoding = None, b""
         for name, value in scope["headers"]:
             if name == HEADER.encode():
-                if not value.isdigit():
+                if not value.isdigit() or len(value) > 18:
                     raise bad(f"Inference-Header-Content-Length must be a byte count, got {value[:20]!r}")
                 length = int(value)
             elif name == b"content-encoding":
@@ -305,9 +305,10 @@ class InferRoute:
                 elements = unpack_bytes(binary[offset:offset + size], count)
                 offset += size
             else:
-                elements = flatten(tensor.get("data"))
+                elements = flatten(tensor.get("data"), len(shape))
                 if elements is None or len(elements) != count:
-                    raise bad(f"input {INPUT!r}: 'data' must hold {count} strings (its shape), flat or nested")
+                    raise bad(f"input {INPUT!r}: 'data' must hold {count} strings (its shape {shape}), flat or "
+                              f"nested as the shape is")
             texts = [self._text(element, index) for index, element in enumerate(elements)]
         if offset != len(binary):
             raise bad(f"{len(binary) - offset} binary bytes after the last tensor the header describes")
@@ -344,10 +345,10 @@ class InferRoute:
             options = an_object(output.get("parameters"), f"output {name!r}: 'parameters'")
             if any(w.name == name for w in wanted):
                 raise bad(f"output {name!r} is requested twice")
-            k = options.get("classification", 0)
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= classes:
+            k = options.get("classification")
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= classes):
                 raise bad(f"output {name!r}: classification must be an integer from 1 to {classes}, got {k!r}")
-            wanted.append(Wanted(name, options.get("binary_data", binary_all) is True, k))
+            wanted.append(Wanted(name, options.get("binary_data", binary_all) is True, k or 0))
         return wanted
 
     def _timeout(self, request: dict) -> float:
@@ -398,19 +399,23 @@ def an_object(value, what: str) -> dict:
     return value
 
 
-def flatten(data) -> list | None:
-    """A JSON tensor's elements, flat (the protocol allows nested lists in row-major order)."""
+def flatten(data, depth: int) -> list | None:
+    """A JSON tensor's elements in row-major order (the protocol allows nested lists), or None when ``data`` is not a
+    list or nests deeper than ``depth`` (its shape's rank). Iterative: any nesting orjson accepts is answered 400."""
     if not isinstance(data, list):
         return None
     out: list = []
-    for item in data:
-        if isinstance(item, list):
-            inner = flatten(item)
-            if inner is None:
-                return None
-            out += inner
-        else:
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= depth:
+                    return None
+                stack.append(iter(item))
+                break
             out.append(item)
+        else:
+            stack.pop()
     return out
 
 

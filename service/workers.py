@@ -1,16 +1,20 @@
-"""``SCS_WORKERS`` > 1: one supervisor and that many server processes sharing one listening socket.
+"""``SCS_WORKERS`` > 1: one supervisor and that many server processes on one port.
 
 Why processes: a request's Python work (HTTP, validation, tokenizing, queueing) runs on one event loop, which
 one core bounds however many model threads it feeds; each worker is a whole service (its own event loop,
 batcher and onnxruntime session, one model thread), so N of them use N cores. Measured on this project's 2-core
 machine with 64-text requests: README, "Every core".
 
-The supervisor checks the models once before the port opens (a broken artifact exits 2 with one line, as with
-one process), binds the socket, starts the workers (spawned, in their own process group so a terminal's Ctrl-C
-reaches only the supervisor, and told to stop if it dies), and passes each SIGTERM or SIGINT on: the first
-drains every worker, a second makes them stop at once. If a worker exits on its own (it failed: exit 3), the
-supervisor stops the others and exits with that code, so the orchestrator restarts the whole service. Metrics
-are prometheus-client's multiprocess mode: any worker's ``/metrics`` sums what every worker counted.
+The supervisor checks the models once before the port opens (a broken artifact exits 2 with one line, as with one
+process), opens one socket per worker on the port (a ``SO_REUSEPORT`` group: the kernel spreads new connections
+evenly) and starts the workers (spawned, in their own process group so a terminal's Ctrl-C reaches only the
+supervisor, and told to stop if it dies). A worker takes connections only once its models are warm. SIGTERM or
+SIGINT: the supervisor closes its own copies of the sockets and passes the signal on; each worker drains
+(``service.server``), and the supervisor exits 0 once every one of them drained cleanly; a second signal makes
+them stop at once. A worker that dies unasked (any signal, any exit) is logged and replaced by a fresh one on its
+socket, while the others keep serving; only ``worker_crash_limit`` deaths within ``worker_crash_window_s`` (a
+crash loop) stop the service, with exit code 3. Metrics are prometheus-client's multiprocess mode: any worker's
+``/metrics`` sums what every worker counted, the dead ones' counters included.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -25,7 +30,18 @@ import socket
 import sys
 import tempfile
 import time
+from collections import deque
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+
+from prometheus_client import multiprocess
+
+from contract import ArtifactError
+
+from .metrics import Metrics
+from .repository import Repository
+from .server import FAILED, cannot_listen, listen, serve, stop_cleanly_until_serving
+from .settings import Settings
 
 log = logging.getLogger("service.workers")
 
@@ -51,13 +67,106 @@ def cpus_allowed() -> int:
     return max(1, count)
 
 
-def supervise(settings, workers: int) -> int:
+def exit_code(process: BaseProcess) -> int:
+    """A process's exit status as a shell reports it: killed by signal N is 128 + N."""
+    code = process.exitcode or 0
+    return 128 - code if code < 0 else code
+
+
+def cause(process: BaseProcess) -> str:
+    """Why a process ended, as a metric label: the signal that killed it (``SIGKILL``) or ``exit_<code>``."""
+    code = process.exitcode or 0
+    if code >= 0:
+        return f"exit_{code}"
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal_{-code}"
+
+
+class Supervisor:
+    """Keeps a worker serving on each of ``listeners`` until a signal stops them or they crash in a loop. The
+    supervisor keeps its own copy of each worker's socket, so a replacement takes over the socket of the worker it
+    replaces, with the connections queued on it: they wait for it rather than being reset."""
+
+    def __init__(self, settings: Settings, listeners: list[socket.socket]) -> None:
+        self.settings, self.listeners = settings, listeners
+        self.dump = settings.model_dump()
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: dict[int, BaseProcess] = {}
+        self.stopping = False
+        self.crash_loop: str | None = None
+        self.deaths: deque[float] = deque()  # monotonic times of the recent deaths
+        self.codes: list[int] = []  # the exit codes of the workers that were asked to stop
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for index in range(len(self.listeners)):
+            self.start(index)
+        log.info("workers started", extra={"fields": {"workers": len(self.listeners),
+                                                      "pids": [p.pid for p in self.workers.values()]}})
+        try:
+            while self.workers:
+                multiprocessing.connection.wait([p.sentinel for p in self.workers.values()], timeout=1.0)
+                for index, process in list(self.workers.items()):
+                    if process.exitcode is not None:
+                        del self.workers[index]
+                        self.ended(index, process)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for listener in self.listeners:
+                listener.close()
+        if self.crash_loop is not None:
+            print(f"error: {self.crash_loop}", flush=True, file=sys.stderr)
+            return FAILED
+        return max(self.codes, default=0)
+
+    def start(self, index: int, replacing: str | None = None) -> None:
+        process = self.context.Process(target=_worker, args=(self.dump, self.listeners[index], index, replacing),
+                                       name=f"worker-{index}")
+        process.start()
+        self.workers[index] = process
+
+    def stop(self, sig: int, frame=None) -> None:
+        """Signal handler: the first signal drains every worker, a second stops them at once."""
+        if not self.stopping:
+            self.stopping = True
+            for listener in self.listeners:  # the workers' copies keep them, and their queues, until drained
+                listener.close()
+        for process in self.workers.values():
+            if process.is_alive():
+                os.kill(process.pid, sig)
+
+    def ended(self, index: int, process: BaseProcess) -> None:
+        _mark_dead(process.pid)
+        if self.stopping:
+            self.codes.append(exit_code(process))
+            return
+        why = cause(process)
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - self.settings.worker_crash_window_s:
+            self.deaths.popleft()
+        if len(self.deaths) >= self.settings.worker_crash_limit:
+            self.crash_loop = (f"{len(self.deaths)} workers died within {self.settings.worker_crash_window_s:g} s "
+                               f"(the last: worker {index}, {why}): a crash loop, stopping the service "
+                               f"(SCS_WORKER_CRASH_LIMIT={self.settings.worker_crash_limit})")
+            log.error(self.crash_loop)
+            self.stop(signal.SIGTERM)
+            return
+        log.error("worker died: replacing it", extra={"fields": {"index": index, "pid": process.pid, "cause": why}})
+        self.start(index, replacing=why)
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges from the shared metrics (its counters stay: they still count)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.mark_process_dead(pid)
+
+
+def supervise(settings: Settings, workers: int) -> int:
     """Run ``workers`` server processes on one socket until they stop; the exit code ``python -m service`` gives."""
-    from contract import ArtifactError
-
-    from .metrics import Metrics
-    from .repository import Repository
-
     try:  # the same checks each worker repeats, once, before anything listens
         check = Repository(settings, Metrics())
         check.load_at_start()
@@ -67,64 +176,24 @@ def supervise(settings, workers: int) -> int:
         log.error("refusing to start: %s", error)
         print(f"error: refusing to start: {error}", flush=True, file=sys.stderr)
         return 2
+    try:
+        listeners = listen(settings, workers)
+    except OSError as error:
+        return cannot_listen(settings, error)
     metrics_dir = tempfile.mkdtemp(prefix="scs-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # the workers inherit it before importing the client
-    listener = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        listener.bind((settings.host, settings.port))
-    except OSError as error:
-        print(f"error: cannot listen on {settings.host}:{settings.port} ({error.strerror})", flush=True,
-              file=sys.stderr)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        return 1
-    listener.listen(2048)
-    listener.set_inheritable(True)
-    context = multiprocessing.get_context("spawn")
-    dump = settings.model_dump()
-    processes = [context.Process(target=_worker, args=(dump, listener, index), name=f"worker-{index}")
-                 for index in range(workers)]
-    for process in processes:
-        process.start()
-    log.info("workers started", extra={"fields": {"workers": workers, "pids": [p.pid for p in processes]}})
-    signals: list[int] = []
-
-    def forward(sig: int, frame) -> None:
-        signals.append(sig)
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, sig)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
-    try:
-        while any(process.is_alive() for process in processes):
-            for process in processes:
-                if process.exitcode is not None and not signals and code == 0:
-                    # a worker stopped without being asked: take the service down with its code (a signal N:
-                    # 128 + N; a clean exit nobody asked the supervisor for: 3, "failed while running")
-                    code = (process.exitcode if process.exitcode > 0 else 128 - process.exitcode if process.exitcode
-                            else 3)
-                    log.error("worker %s exited with %s: stopping the others", process.name, process.exitcode)
-                    forward(signal.SIGTERM, None)
-            time.sleep(0.1)
+        return Supervisor(settings, listeners).run()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    codes = [p.exitcode if p.exitcode >= 0 else 128 - p.exitcode for p in processes]
-    return code or max(codes)
 
 
-def _worker(dump: dict, listener: socket.socket, index: int) -> None:
+def _worker(dump: dict, listener: socket.socket, index: int, replacing: str | None) -> None:
     """One server process: the service as ``python -m service`` runs it, on the supervisor's socket."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it passes the signal on
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: stop with it
     except (OSError, AttributeError):
         pass
-    from .__main__ import serve
-    from .settings import Settings
-
-    raise SystemExit(serve(Settings(**dump), [listener], worker=index))
+    stop_cleanly_until_serving()
+    raise SystemExit(serve(Settings(**dump), listener, worker=index, replacing=replacing))

@@ -145,6 +145,16 @@ def burst_in_background(url: str, requests: int, text: str, texts: int = 64) -> 
     return sender, results
 
 
+def wait_for(condition, seconds: float = 30) -> bool:
+    """Whether ``condition()`` became true within ``seconds`` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def read_metric(url: str, name: str, **labels: str) -> float:
     """Sum of the /metrics samples named ``name`` whose labels include these (0 when none)."""
     total = 0.0
@@ -262,7 +272,7 @@ def in_process(runtime, plain_uvicorn: bool = False, **settings) -> Iterator[Ser
     Yields the base URL and the app once /readyz is 200; ``runtime`` may carry an injected fault."""
     import uvicorn
 
-    from service.__main__ import uvicorn_config
+    from service.server import uvicorn_config
     from service.app import create_app
     from service.settings import Settings
 

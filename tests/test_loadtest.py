@@ -230,7 +230,7 @@ def test_soak_checks_every_mode(tmp_path: Path) -> None:
                      str(tmp_path / "service.log"), timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     figures = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
-    assert [r["mode"] for r in figures["results"]] == ["on", "off", "multi"]
+    assert [r["mode"] for r in figures["results"]] == ["on", "off", "multi", "workers"]
     for mode in figures["results"]:
         assert mode["errors"] == 0 and mode["requests"] > 100 and mode["rss_growth_mb"] < 5, mode
     assert result.stdout.strip().endswith("PASS") and not leftovers(str(tmp_path))

@@ -11,7 +11,6 @@ import time
 import httpx
 import pytest
 
-import contract
 from conftest import TEXT, assert_error, in_process, read_metric
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import (BROKEN_ARTIFACTS, TEST_ARTIFACT, TEXT, alone, assert_error, assert_one_line_error, run_cli,
-                      start_service)
+                      start_service, wait_for)
 from service.settings import VersionPolicy
 
 TEXTS = [TEXT, "How do I top up by card?", "my card was stolen", "what is the exchange rate"]
@@ -43,15 +43,6 @@ def publish(source: Path, target: Path) -> None:
 
 def probabilities(answer: dict, labels: list[str]) -> np.ndarray:
     return np.array([[p["probabilities"][label] for label in labels] for p in answer["predictions"]])
-
-
-def wait_for(condition, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def served_versions(url: str, model: str, headers: dict | None = None) -> list[str]:
@@ -209,3 +200,120 @@ def test_swaps_under_load_fail_no_request(tmp_path):
     for phase in figures["results"]:
         assert phase["failed"] == 0 and phase["answers_not_matching_their_version"] == 0, phase
         assert set(phase["answers_by_version"]) == {"1", "2"}, phase
+
+
+def test_a_version_completed_after_a_failed_check_is_loaded_at_the_next_poll(tmp_path, monkeypatch):
+    """A non-atomic copy whose last write lands while the check is reading (deterministically: right after the check
+    read the half-copied folder and failed) is loaded at the next poll: the folder's state is taken before the
+    check reads it, so the finished copy counts as a change. (It used to be taken after: refused for good.)"""
+    import asyncio
+
+    from service.metrics import Metrics
+    from service.repository import Repository
+    from service.settings import Settings
+
+    root = build(tmp_path / "models", {"test-model": [1]})
+    repository = Repository(Settings(model_dir=root), Metrics())
+    repository.load_at_start()
+    target = root / "test-model" / "2"
+    shutil.copytree(TEST_ARTIFACT.parent / "2", target)
+    complete = (target / "model.onnx").read_bytes()
+    (target / "model.onnx").write_bytes(complete[: len(complete) // 2])  # the copy is still under way
+    original = Repository.load
+
+    def load_then_the_copy_completes(self, name, version, runtime=None):
+        try:
+            return original(self, name, version, runtime)
+        finally:
+            if not target.joinpath("done").exists():
+                (target / "model.onnx").write_bytes(complete)
+                (target / "done").write_text("the copy's last write landed while the check ran")
+
+    monkeypatch.setattr(Repository, "load", load_then_the_copy_completes)
+
+    async def two_polls() -> tuple[dict, dict]:
+        first = await repository.sync()
+        second = await repository.sync()
+        await repository.close(10)
+        return first, second
+
+    first, second = asyncio.run(two_polls())
+    assert [r["version"] for r in first["refused"]] == [2] and "model.onnx" in first["refused"][0]["reason"]
+    assert second["loaded"] == [{"model": "test-model", "version": 2}] and not second["refused"]
+
+
+@pytest.mark.slow
+def test_refused_versions_are_forgotten_with_their_folder_and_warned_about_once(tmp_path):
+    root = build(tmp_path / "models", {"test-model": [1]})
+    svc = start_service(root, tmp_path / "service.log", REPOSITORY_POLL_S=0.1)
+    try:
+        broken = tmp_path / "broken"
+        build(broken, {"m": [2]})
+        BROKEN_ARTIFACTS["tokenizer.json not a tokenizer"][0](broken / "m" / "2")
+        publish(broken / "m" / "2", root / "test-model" / "2")
+
+        def refused() -> list:
+            models = httpx.get(f"{svc.url}/v1/models").json()["models"]
+            return [r["version"] for m in models for r in m["refused"]]
+
+        assert wait_for(lambda: refused() == ["2"])
+        time.sleep(1)  # ten polls
+        assert svc.log.read_text().count("no wanted version of test-model loads") == 1
+        shutil.rmtree(root / "test-model" / "2")
+        assert wait_for(lambda: refused() == [])
+        assert served_versions(svc.url, "test-model") == ["1"]
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_after_the_only_model_is_unloaded_the_404_names_it(tmp_path):
+    """A refused model sorts first ("a-broken"); unloading the one served must not make it the default."""
+    root = build(tmp_path / "models", {"test-model": [1], "a-broken": [1]})
+    BROKEN_ARTIFACTS["model.onnx truncated"][0](root / "a-broken" / "1")
+    svc = start_service(root, tmp_path / "service.log", ALLOW_REPOSITORY_CONTROL="true")
+    try:
+        assert httpx.post(f"{svc.url}/v2/repository/models/test-model/unload").status_code == 200
+        missing = httpx.post(f"{svc.url}/classify", json={"text": TEXT})
+        assert_error(missing, 404, "not_found")
+        assert "'test-model'" in missing.json()["error"]["message"]
+        assert httpx.get(f"{svc.url}/v1/models").json()["default"] == "test-model"
+    finally:
+        svc.stop()
+
+
+@pytest.mark.slow
+def test_load_and_unload_churn_under_traffic_keeps_memory_flat(tmp_path):
+    """`python -m loadtest.swap --phases churn`, short: rounds of 10 concurrent unload/load calls under load. It
+    used to grow the process round after round (glibc kept what released versions freed) and read 0 for the
+    version's memory; now nothing but 200 and 404, memory_bytes at least the model's size, and a flat RSS."""
+    result = run_cli("loadtest.swap", "--old", str(TEST_ARTIFACT.parent / "1"), "--new", str(TEST_ARTIFACT.parent / "1"),
+                     "--phases", "churn", "--rounds", "12", "--clients", "8", "--log", str(tmp_path / "service.log"),
+                     timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    figures = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    [churn] = figures["results"]
+    assert churn["failed"] == 0 and churn["rounds"] == 12 and churn["statuses"] == ["200", "404"], churn
+
+
+@pytest.mark.slow
+def test_each_version_reports_the_memory_it_holds_across_reloads(tmp_path):
+    """``memory_bytes`` is the heap the version's load allocated and still holds (not RSS growth, which a reload
+    into pages a released version freed does not show: it read 0)."""
+    root = build(tmp_path / "models", {"test-model": [1]})
+    svc = start_service(root, tmp_path / "service.log", ALLOW_REPOSITORY_CONTROL="true")
+    try:
+        def memory() -> int:
+            [model] = httpx.get(f"{svc.url}/v1/models").json()["models"]
+            return model["versions"][0]["memory_bytes"]
+
+        onnx_bytes = (root / "test-model" / "1" / "model.onnx").stat().st_size
+        sizes = [memory()]
+        for _ in range(3):
+            assert httpx.post(f"{svc.url}/v2/repository/models/test-model/unload").status_code == 200
+            assert httpx.post(f"{svc.url}/v2/repository/models/test-model/load").status_code == 200
+            sizes.append(memory())
+        assert all(size >= onnx_bytes for size in sizes), (sizes, onnx_bytes)
+        assert svc.metric("scs_model_memory_bytes", model="test-model", version="1") == sizes[-1]
+    finally:
+        svc.stop()

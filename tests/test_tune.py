@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import contract
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli
 from model_export.config import TrainConfig
 from model_export.tune import ETA, milestones, parse_budget, sign_test
 

@@ -81,7 +81,7 @@ def main() -> None:
     if not args.raw:
         run(app, args.host, args.port)
         return
-    from service.protocol import http_protocol
+    from service.http_protocol import http_protocol
 
     uvicorn.run(RawApp(), host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False,
                 http=http_protocol(10.0), lifespan="off")
