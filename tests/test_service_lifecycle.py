@@ -56,13 +56,14 @@ def test_cuda_asked_on_a_cpu_only_onnxruntime(test_artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drain_seconds", [0, 1])
-def test_sigterm_under_load_loses_nothing_and_exits_0(service_factory, test_artifact, drain_seconds):
+@pytest.mark.parametrize("drain_seconds, workers", [(0, 1), (1, 1), (1, 2)])
+def test_sigterm_under_load_loses_nothing_and_exits_0(service_factory, test_artifact, drain_seconds, workers):
     """A burst of 32 x 64 sentences is queued (batching off, so work waits), then SIGTERM. Every accepted request
     is answered 200; clients arriving afterwards (a fresh connection every 50 ms) are served during the drain
     window, then refused at connect or answered 503 `draining`; nothing hangs; the process exits 0. None is reset:
     a connection still in the kernel's accept queue when the port closes is accepted and answered first."""
-    svc = service_factory(test_artifact, MAX_BATCH_SIZE=1, DRAIN_SECONDS=drain_seconds, GRACEFUL_TIMEOUT_S=20)
+    svc = service_factory(test_artifact, MAX_BATCH_SIZE=1, DRAIN_SECONDS=drain_seconds, GRACEFUL_TIMEOUT_S=20,
+                          WORKERS=workers)
     sender, results = burst_in_background(svc.url, 32, LONG)
     deadline = time.monotonic() + 30
     while svc.metric("scs_queue_depth") < 64 and time.monotonic() < deadline:
@@ -101,7 +102,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_0(service_factory, test_arti
     if drain_seconds:
         assert draining_seen and 200 in late  # readiness said so, and the drain window still served
     log = svc.log.read_text()
-    assert '"message":"draining"' in log and "stopped: queue drained" in log
+    assert log.count('"message":"draining"') == workers and log.count("stopped: queue drained") == workers
 
 
 @pytest.mark.slow
