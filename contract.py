@@ -259,6 +259,31 @@ def drift_sizes(num_classes: int) -> dict[str, int]:
             "predicted_class": num_classes, "top_score": DRIFT_SCORE_BINS}
 
 
+def _fraction(value: object, where: str) -> float | None:
+    """A manifest threshold: None, or a number in [0, 1]; else ``ArtifactError`` naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ArtifactError(f"manifest.json: {where} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def selective_thresholds(manifest: Manifest) -> list[tuple[float, float]]:
+    """The manifest's (precision, min_score) pairs reached on validation, by precision (``selective``); the rows no
+    threshold reached are left out. ``ArtifactError`` when the field is malformed."""
+    rows = manifest.selective.get("thresholds", []) if isinstance(manifest.selective, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ArtifactError("manifest.json: selective.thresholds must be a list of objects")
+    pairs = [(_fraction(row.get("precision"), "selective.thresholds[].precision"),
+              _fraction(row.get("min_score"), "selective.thresholds[].min_score")) for row in rows]
+    return sorted((p, score) for p, score in pairs if p is not None and score is not None)
+
+
+def open_set_threshold(manifest: Manifest) -> float | None:
+    """The out-of-scope threshold the model abstains below unless told otherwise (``open_set.min_score``)."""
+    return _fraction(manifest.open_set.get("min_score"), "open_set.min_score")
+
+
 def read(folder: Path) -> Artifact:
     """Manifest, file hashes, labels, the graph's opset and the tokenizer, each against the others.
 

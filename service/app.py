@@ -1,6 +1,7 @@
 """The ASGI application: the lifespan that runs the model repository's engines, and for every HTTP request one
 stack (request id, metrics, in-flight count, then auth and CORS) in front of the routes: the hot routes
-(``POST /classify``, the V2 infer route) as raw ASGI handlers, everything else through FastAPI (``service.api``).
+(``POST /classify``, the V2 infer route: ``service.hot_route``), everything else through FastAPI
+(``service.routes``).
 
     uvicorn --factory service.app:create_app     # works; ``python -m service`` adds signals, drain and our protocol
 """
@@ -15,17 +16,17 @@ import re
 import time
 
 from . import logs
-from .api import create_api
-from .asgi import respond
-from .classify import ClassifyRoute
+from .classify import ClassifyProtocol
 from .errors import ServiceError, StartupError
+from .hot_route import HotRoute, respond
+from .lifecycle import ServiceState
 from .metrics import Metrics
 from .repository import Repository
+from .routes import create_api
 from .runtime import Runtime
 from .security import secure
 from .settings import Settings
-from .state import ServiceState
-from .v2 import INFER, InferRoute
+from .v2 import INFER, V2Protocol
 
 log = logging.getLogger("service.app")
 
@@ -38,8 +39,8 @@ class App:
         self.state = state
         self.warm_before_serving = warm_before_serving
         self.api = create_api(state)
-        self.classify = ClassifyRoute(state)
-        self.infer = InferRoute(state)
+        self.classify = HotRoute(state, ClassifyProtocol(state.settings))
+        self.infer = HotRoute(state, V2Protocol(state.settings))
         self.routes = secure(self._route, state.settings)
         self.access_log = logging.getLogger("service.access") if state.settings.access_log else None
         self.in_flight = 0

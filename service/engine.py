@@ -1,11 +1,11 @@
-"""The engine: one served model version behind one method. Routes call ``Engine.classify`` (and, for abstention,
-``min_score`` and ``abstained``) and nothing else of the core; the engine owns the tokenizer, the batch queue, the
-onnxruntime session and the drift window.
+"""The engine: one served model version behind one method. A route calls ``Engine.classify`` once per request and
+gets a finished ``Answer``: every sentence's scores in order, from exactly this version, with the abstentions
+decided, counted and the drift window fed. The engine owns the tokenizer, the batch queue, the onnxruntime session,
+the thresholds and the drift window; nothing outside reaches into them.
 
 A request's sentences are encoded here, on the event loop (the batcher needs their token lengths to group
-them), queued as one job, run in length-grouped batches on the model thread, and come back as one
-``Classification`` from exactly this version. If the awaiting task is cancelled (the client left), the job's
-future is cancelled with it and its sentences still queued never run.
+them), queued as one job and run in length-grouped batches on the model thread. If the awaiting task is cancelled
+(the client left), the job's future is cancelled with it and its sentences still queued never run.
 """
 
 from __future__ import annotations
@@ -15,64 +15,50 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import contract
 
 from . import memory
 from .batcher import Batcher, BatchLimits
 from .drift import DriftMonitor
+from .errors import no_threshold_for
 from .logs import request_span
 from .metrics import Metrics, ModelMetrics
-from .errors import no_threshold_for
 from .runtime import Runtime, Scores
 
 log = logging.getLogger("service.engine")
 
 
 @dataclass(frozen=True, slots=True)
-class Classification:
-    """One request's answer: every sentence's scores, in input order, from one model version."""
+class Answer:
+    """One request's answer: every sentence's scores in input order, from one model version; ``abstained`` per
+    sentence when a threshold applied (its top score under it), else None."""
 
     model: str
     version: str
     labels: list[str]
     scores: list[Scores]
     truncated: list[bool]
-
-
-def fraction(value, where: str) -> float | None:
-    """A manifest threshold: None, or a number in [0, 1]; else the version is refused naming the field."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise contract.ArtifactError(f"manifest.json: {where} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def thresholds(manifest: contract.Manifest) -> list[tuple[float, float]]:
-    """The manifest's (precision, min_score) pairs, by precision; rows no threshold reached are left out."""
-    rows = manifest.selective.get("thresholds", []) if isinstance(manifest.selective, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise contract.ArtifactError("manifest.json: selective.thresholds must be a list of objects")
-    pairs = [(fraction(row.get("precision"), "selective.thresholds[].precision"),
-              fraction(row.get("min_score"), "selective.thresholds[].min_score")) for row in rows]
-    return sorted((p, score) for p, score in pairs if p is not None and score is not None)
+    abstained: list[bool] | None
 
 
 class Engine:
     def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
                  executor: ThreadPoolExecutor | None = None, drift_window: int = 1000,
-                 drift_alert_psi: float = 0.25, tracing=None) -> None:
+                 drift_alert_psi: float = 0.25, tracing=None, default_min_score: float | None = None) -> None:
         artifact = runtime.artifact
         self.runtime = runtime
         self.manifest = artifact.manifest
         self.name, self.version, self.labels = name, artifact.version, artifact.labels
+        self.folder = artifact.folder.name
         # What the manifest says about confidence, checked before any metrics series exists (a refused version
         # must leave none behind): (precision, min_score) pairs reached on validation (model_export/calibration.py),
-        # the out-of-scope threshold this model abstains below unless told otherwise, the drift reference.
-        self.thresholds = thresholds(self.manifest)
-        self.open_set_min_score = fraction(self.manifest.open_set.get("min_score"), "open_set.min_score")
+        # the threshold a request without one gets (SCS_MIN_SCORE, else the model's own out-of-scope one), the
+        # drift reference.
+        self.thresholds = contract.selective_thresholds(self.manifest)
+        self.default_min_score = (default_min_score if default_min_score is not None
+                                  else contract.open_set_threshold(self.manifest))
         self.drift = DriftMonitor(self.manifest, drift_window, drift_alert_psi) if self.manifest.drift else None
         self.metrics: ModelMetrics | None = (metrics.for_model(name, self.version, runtime.provider,
                                                                lambda: self.queue_depth) if metrics else None)
@@ -97,39 +83,62 @@ class Engine:
         await self.batcher.run_in_worker(self.runtime.warmup)
         return (time.perf_counter() - started) * 1000
 
-    async def classify(self, texts: list[str], request_id: str | None = None,
-                       timeout_s: float | None = None) -> Classification:
-        """Every text's scores, in order, within ``timeout_s`` (at most the server's). Raises ``QueueFull``,
-        ``NotReady`` (closing), ``DeadlineExceeded`` or ``BatchFailed`` (all ``ServiceError``); cancelling the
-        caller drops what is still queued."""
+    async def classify(self, texts: list[str], min_score: float | None = None, min_precision: float | None = None,
+                       timeout_s: float | None = None, request_id: str | None = None) -> Answer:
+        """Every text's scores, in order, within ``timeout_s`` (at most the server's), with the abstentions
+        decided by ``min_score``, or the threshold that reached ``min_precision`` on validation, or the default.
+        Raises ``ServiceError``: 422 ``min_precision_unavailable``, ``QueueFull``, ``NotReady`` (closing),
+        ``DeadlineExceeded`` or ``BatchFailed``; cancelling the caller drops what is still queued."""
+        threshold = self.threshold(min_score, min_precision)
         ids, truncated = self._encode(texts)
         span = request_span.get()
         if span is not None:
             span.set_attributes({"scs.model": self.name, "scs.model.version": self.version,
                                  "scs.sentences": len(texts)})
-        job = self.batcher.submit(ids, request_id, timeout_s, span)
-        scores = await job.future
+        scores = await self.batcher.submit(ids, request_id, timeout_s, span).future
+        tops = [s.probabilities[s.ranked[0]] for s in scores]
         if self.drift is not None:
-            tops = [s.ranked[0] for s in scores]
-            self.drift.observe(ids, tops, [s.probabilities[top] for s, top in zip(scores, tops)])
-        return Classification(self.name, self.version, self.labels, scores, truncated)
+            self.drift.observe(ids, [s.ranked[0] for s in scores], tops)
+        abstained = None
+        if threshold is not None:
+            abstained = [top < threshold for top in tops]
+            if self.metrics is not None and any(abstained):
+                self.metrics.abstain(sum(abstained))
+        return Answer(self.name, self.version, self.labels, scores, truncated, abstained)
 
-    def min_score(self, min_score: float | None, min_precision: float | None, default: float | None) -> float | None:
+    def threshold(self, min_score: float | None, min_precision: float | None) -> float | None:
         """The abstention threshold a request asks for: its ``min_score``, else the score that reached
-        ``min_precision`` on validation (the nearest stored precision at or above it), else ``default``
-        (SCS_MIN_SCORE), else the model's own out-of-scope threshold."""
+        ``min_precision`` on validation (the nearest stored precision at or above it), else the default
+        (SCS_MIN_SCORE, else the model's own out-of-scope threshold), else none."""
         if min_score is not None:
             return min_score
         if min_precision is None:
-            return default if default is not None else self.open_set_min_score
+            return self.default_min_score
         for precision, score in self.thresholds:
             if precision >= min_precision - 1e-9:
                 return score
         raise no_threshold_for(min_precision, [precision for precision, _ in self.thresholds])
 
-    def abstained(self, count: int) -> None:
-        if count and self.metrics is not None:
-            self.metrics.abstain(count)
+    def describe(self) -> dict:
+        """This version in ``GET /v1/models``."""
+        return {"version": self.version, "state": "ready", "provider": self.provider,
+                "memory_bytes": self.memory_bytes, "queue_depth": self.queue_depth}
+
+    def summary(self) -> dict:
+        """This version in ``GET /v1/model``: its manifest's summary, labels, files, provider and batching limits."""
+        manifest = self.manifest.model_dump(mode="json")
+        keep = ("version", "created_at", "num_classes", "max_length", "vocab_size", "opset", "metrics", "dataset",
+                "verification", "versions")
+        return {"model": {key: manifest[key] for key in keep if key in manifest} | {
+                    "name": self.name, "labels": self.labels, "folder": self.folder,
+                    "files": {name: entry["sha256"] for name, entry in manifest["files"].items()}},
+                "provider": self.provider, "batching": asdict(self.batcher.limits)}
+
+    def drift_report(self) -> dict | None:
+        """The drift window against the training data (``GET /v1/models/{name}/drift``); None without a reference."""
+        if self.drift is None:
+            return None
+        return {"model": self.name, "version": self.version} | self.drift.report()
 
     @property
     def queue_depth(self) -> int:

@@ -93,8 +93,11 @@ def _classify(schema: dict) -> None:
                            for name in parameters],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": _REF.format(model="InferRequest")}}}},
-            "responses": {"200": {"description": "one output tensor per requested output", "content": {
-                "application/json": {"schema": {"$ref": _REF.format(model="InferResponse")}}}}}
+            "responses": {"200": {"description": "one output tensor per requested output; with an output in binary "
+                                                 "(binary_data), this JSON followed by the binary tensors",
+                                  "content": {
+                "application/json": {"schema": {"$ref": _REF.format(model="InferResponse")}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
             | {status: {"description": text, "content": v2_error} for status, text in (
                 ("400", "the tensors do not fit the model (datatype, shape, binary sizes, UTF-8, outputs)"),
                 ("404", "no such model or version served"), ("413", "body larger than SCS_MAX_BODY_BYTES"),

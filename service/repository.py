@@ -29,7 +29,7 @@ from contract import ArtifactError
 
 from . import memory
 from .engine import Engine
-from .errors import not_found
+from .errors import ServiceError, not_found
 from .metrics import Metrics
 from .runtime import Runtime, load_runtime
 from .settings import Settings, VersionPolicy
@@ -157,7 +157,8 @@ class Repository:
             raise ArtifactError(f"{folder}/manifest.json: version {runtime.artifact.version!r}, but it lies in "
                                 f"version folder {version}")
         engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor,
-                        self.settings.drift_window, self.settings.drift_alert_psi, self.tracing)
+                        self.settings.drift_window, self.settings.drift_alert_psi, self.tracing,
+                        self.settings.min_score)
         engine.memory_bytes = max(0, memory.heap_in_use() - before)
         engine.metrics.memory(engine.memory_bytes)
         return engine
@@ -193,6 +194,10 @@ class Repository:
         if self.default_model not in self.engines:
             raise ArtifactError(f"SCS_DEFAULT_MODEL={self.default_model!r}: not served (served: "
                                 f"{', '.join(self.engines)})")
+
+    def served_versions(self, name: str) -> list[str]:
+        """The versions of ``name`` taking traffic now, oldest first."""
+        return [str(v) for v in sorted(self.engines.get(name, {}))]
 
     def all_engines(self) -> list[Engine]:
         return [engine for versions in self.engines.values() for engine in versions.values()]
@@ -265,6 +270,19 @@ class Repository:
                     changes["retired"].append({"model": name, "version": version})
             return changes
 
+    async def load_model(self, name: str) -> dict:
+        """The load API: (re)load ``name``'s versions as its policy chooses, refused ones included. A 404
+        ``ServiceError`` for a model the repository does not hold, a 400 when a wanted version does not load."""
+        if name not in self.models:
+            raise not_found(f"model {name[:100]!r} is not in the repository")
+        changes = await self.sync(name, retry_refused=True)
+        serving = sorted(self.engines.get(name, {}))
+        if changes["refused"] or not serving:
+            reasons = "; ".join(r["reason"] for r in changes["refused"]) or "no version chosen by the policy"
+            still = f"; still serving version(s) {', '.join(map(str, serving))}" if serving else ""
+            raise ServiceError(400, "bad_request", f"model {name!r} failed to load: {reasons}{still}")
+        return changes
+
     def _forget_deleted(self, name: str) -> None:
         """Refused versions whose folder is gone are no longer reported."""
         for key in [key for key in self.refused if key[0] == name]:
@@ -274,7 +292,7 @@ class Repository:
     async def unload(self, name: str) -> dict:
         """Stop serving every version of ``name`` (its queued work finishes first)."""
         if name not in self.models:
-            raise not_found(f"model {name!r} is not in the repository")
+            raise not_found(f"model {name[:100]!r} is not in the repository")
         self.unloaded.add(name)
         retired = [{"model": name, "version": v} for v in sorted(self.engines.get(name, {}))]
         for version in list(self.engines.get(name, {})):
@@ -331,9 +349,7 @@ class Repository:
                 policy = f"invalid: {error}"
             out.append({
                 "name": name, "default": name == self.default_model, "policy": policy,
-                "versions": [{"version": str(v), "state": "ready", "provider": e.provider,
-                              "memory_bytes": e.memory_bytes, "queue_depth": e.queue_depth}
-                             for v, e in sorted(served.items())],
+                "versions": [engine.describe() for _, engine in sorted(served.items())],
                 "refused": [{"version": str(v), "reason": r.reason} for (n, v), r in sorted(self.refused.items())
                             if n == name],
             })

@@ -12,7 +12,7 @@ import hmac
 
 from starlette.middleware.cors import CORSMiddleware
 
-from .asgi import respond
+from .hot_route import respond
 from .errors import unauthorized
 
 # Probes must work without credentials (kubelet, load balancers); the docs describe the API, not its data.

@@ -29,7 +29,7 @@ from .app import App, create_app
 from .errors import StartupError
 from .http_protocol import http_protocol
 from .settings import Settings
-from .state import ServiceState
+from .lifecycle import ServiceState
 
 log = logging.getLogger("service")
 FAILED = 3

@@ -1,6 +1,7 @@
-"""The service's state: its settings, metrics and model repository, and where the process is in its life.
+"""The service's state: its settings, metrics and model repository, and where the process is in its life (starting,
+ready, draining, failed).
 
-Only the lifespan (``service.app``) and the server's signal handler (``service.__main__``) move it along, through
+Only the lifespan (``service.app``) and the server's signal handler (``service.server``) move it along, through
 the methods below; routes only read it.
 """
 
