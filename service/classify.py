@@ -6,9 +6,10 @@ from __future__ import annotations
 import orjson
 from pydantic import ValidationError
 
+from .calls import Call, Reply
 from .engine import Answer
 from .errors import ServiceError
-from .hot_route import JSON, Call, Reply
+from .hot_route import JSON
 from .schemas import ClassifyRequest, Limits, invalid_request, top_k_out_of_range
 from .settings import Settings
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
-from .engine import Answer
+from .calls import WireProtocol, infer
 from .errors import ServiceError, internal_error, new_error_id, too_large
 from .http_protocol import DISCONNECT_NOTICE
 from .lifecycle import ServiceState
-from .logs import request_id
 
 log = logging.getLogger("service.hot_route")
 JSON = b"application/json"
@@ -27,35 +24,6 @@ JSON = b"application/json"
 
 class ClientGone(Exception):
     """The client disconnected: there is no one to answer."""
-
-
-@dataclass(slots=True)
-class Call:
-    """What one request asks of the engine, parsed from its protocol's body; ``view`` is what the protocol's
-    renderer needs of the request (``top_k``, the outputs asked for, the request's id)."""
-
-    texts: list[str]
-    model: str | None = None
-    version: str | None = None
-    min_score: float | None = None
-    min_precision: float | None = None
-    timeout_s: float | None = None
-    view: object = None
-
-
-Reply = tuple[int, bytes, bytes, dict[str, str] | None]  # status, body, content type, extra headers
-
-
-class WireProtocol(Protocol):
-    """A hot route's wire format: requests in, answers and errors out."""
-
-    def parse(self, scope, body: bytes) -> Call: ...
-
-    def check(self, call: Call, labels: list[str]) -> None: ...  # what depends on the model (top_k and the like)
-
-    def render(self, call: Call, answer: Answer) -> Reply: ...
-
-    def error(self, error: ServiceError) -> Reply: ...
 
 
 class HotRoute:
@@ -68,13 +36,9 @@ class HotRoute:
         try:
             self.state.serving()
             call = protocol.parse(scope, await read_body(scope, receive, self.max_body))
-            # From routing to the queue nothing awaits: the version routed to cannot leave the table in between.
-            engine = self.state.repository.route(call.model, call.version)
-            protocol.check(call, engine.labels)
             stop_watching = cancel_if_client_leaves(scope, receive)
             try:
-                answer = await engine.classify(call.texts, call.min_score, call.min_precision, call.timeout_s,
-                                               request_id.get())
+                answer = await infer(self.state.repository, protocol, call)
             finally:
                 stop_watching()
             reply = protocol.render(call, answer)

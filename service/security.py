@@ -12,8 +12,8 @@ import hmac
 
 from starlette.middleware.cors import CORSMiddleware
 
-from .hot_route import respond
 from .errors import unauthorized
+from .hot_route import respond
 
 # Probes must work without credentials (kubelet, load balancers); the docs describe the API, not its data.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect",

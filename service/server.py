@@ -28,8 +28,8 @@ from . import logs
 from .app import App, create_app
 from .errors import StartupError
 from .http_protocol import http_protocol
-from .settings import Settings
 from .lifecycle import ServiceState
+from .settings import Settings
 
 log = logging.getLogger("service")
 FAILED = 3

@@ -21,9 +21,10 @@ from pydantic_core import PydanticCustomError
 
 from contract import SELECTIVE_PRECISIONS
 
+from .calls import Call, Reply
 from .engine import Answer
 from .errors import ServiceError
-from .hot_route import JSON, Call, Reply
+from .hot_route import JSON
 from .schemas import problem_with_text
 from .settings import Settings
 from .v2_tensors import bad, flatten, output, split, unpack_bytes
