@@ -3,8 +3,8 @@ gets a finished ``Answer``: every sentence's scores in order, from exactly this 
 decided, counted and the drift window fed. The engine owns the tokenizer, the batch queue, the onnxruntime session,
 the thresholds and the drift window; nothing outside reaches into them.
 
-A request's sentences are encoded here, on the event loop (the batcher needs their token lengths to group
-them), queued as one job and run in length-grouped batches on the model thread. If the awaiting task is cancelled
+A request's sentences are queued as one job, tokenized by the batch queue's owner task (it needs their token
+lengths to group them) and run in length-grouped batches on the model thread. If the awaiting task is cancelled
 (the client left), the job's future is cancelled with it and its sentences still queued never run.
 """
 
@@ -65,9 +65,9 @@ class Engine:
         if self.drift is not None and self.metrics is not None:
             self.metrics.watch_drift(self.drift)
         self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor,
-                                                tracing.batch(runtime.provider) if tracing is not None else None)
-        self.memory_bytes = 0  # how much the process grew while this version loaded (set by the repository)
-        self._encode = artifact.encoder.encode
+                                                tracing.batch(runtime.provider) if tracing is not None else None,
+                                                artifact.encoder.encode)
+        self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
 
     @property
     def provider(self) -> str:
@@ -90,12 +90,13 @@ class Engine:
         Raises ``ServiceError``: 422 ``min_precision_unavailable``, ``QueueFull``, ``NotReady`` (closing),
         ``DeadlineExceeded`` or ``BatchFailed``; cancelling the caller drops what is still queued."""
         threshold = self.threshold(min_score, min_precision)
-        ids, truncated = self._encode(texts)
         span = request_span.get()
         if span is not None:
             span.set_attributes({"scs.model": self.name, "scs.model.version": self.version,
                                  "scs.sentences": len(texts)})
-        scores = await self.batcher.submit(ids, request_id, timeout_s, span).future
+        job = self.batcher.submit(texts, request_id, timeout_s, span)
+        scores = await job.future
+        ids, truncated = job.ids, job.truncated
         tops = [s.probabilities[s.ranked[0]] for s in scores]
         if self.drift is not None:
             self.drift.observe(ids, [s.ranked[0] for s in scores], tops)
@@ -147,7 +148,7 @@ class Engine:
     def release(self) -> None:
         """After ``close``: free the session and the tokenizer, and hand the freed pages back to the system."""
         self.runtime.close()
-        self._encode = None
+        self.batcher.release()
         memory.trim()
 
     async def close(self, timeout_s: float) -> bool:

@@ -325,7 +325,7 @@ def test_finished_work_is_not_held(max_batch_size, texts):
 
     held, ran = run(scenario())
     assert ran == 50 * 40 * texts
-    assert held == {"queued": 0, "fifo": 0, "buckets": 0, "jobs": 0}, held
+    assert held == {"queued": 0, "fifo": 0, "new": 0, "buckets": 0, "jobs": 0}, held
 
 
 def test_a_dying_batcher_task_answers_everyone_and_says_so():
