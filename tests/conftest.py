@@ -44,7 +44,8 @@ def alone(folder: Path, texts: list[str]) -> np.ndarray:
     artifact = contract.check(folder)
     manifest = artifact.manifest
     ids = artifact.encoder.encode(texts)[0]
-    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
+    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id, manifest.input_names))[0]
+                           for s in ids])
 
 
 @pytest.fixture(scope="session")
