@@ -56,6 +56,41 @@ def test_artifact() -> Path:
     return TEST_ARTIFACT
 
 
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory):
+    """``hf_folder(kind)``: a tiny fine-tuned-looking Hugging Face classifier folder of that kind
+    (``tests/hf_models.py``: bert, distilbert, roberta, xlm-roberta, bert-multilabel, bert-slow), built on first
+    use, once per session; never downloaded."""
+    from hf_models import build
+
+    root, built = tmp_path_factory.mktemp("hf-models"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build(kind, root / kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def imported_encoder(hf_folder, tmp_path_factory: pytest.TempPathFactory):
+    """``imported_encoder(kind)``: ``hf_folder(kind)`` imported by ``python -m model_export import`` (run in this
+    process) as the version folder ``<tmp>/<kind>/1``, once per session."""
+    from model_export.cli import main
+
+    root, done = tmp_path_factory.mktemp("imported"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = root / kind / "1"
+            assert main(["import", str(hf_folder(kind)), "--out", str(out)]) == 0, kind
+            done[kind] = out
+        return done[kind]
+
+    return get
+
+
 @pytest.fixture
 def artifact_copy(test_artifact: Path, tmp_path: Path) -> Path:
     """A copy of the test artifact as ``<tmp>/model/1``, to break."""
