@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact hf-models bench bench-tools loadtest docker-ci overload soak constraints clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -55,6 +55,11 @@ $(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py) contr
 	$(TEST_TRAIN) --out $(dir $(TEST_ARTIFACT))2 --seed 1
 
 test-artifact: $(TEST_ARTIFACT)/manifest.json
+
+# Tiny Hugging Face classifier folders (BERT, DistilBERT, RoBERTa, XLM-R, multi-label, slow tokenizer), built here
+# without downloads, to try `python -m model_export import` on (the tests build their own: tests/hf_models.py).
+hf-models: $(VENV)/.all
+	$(PY) -m tests.hf_models artifacts/hf-models
 
 PYTEST_ARGS ?=
 test: $(VENV)/.all test-artifact bench-tools

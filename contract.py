@@ -2,10 +2,12 @@
 
 A model repository is Triton-shaped: ``models/<name>/<version>/`` with integer version folders. A version folder
 holds ``FILES`` plus ``manifest.json`` (the ``Manifest`` below, sha256 of every file included). The graph takes
-``input_ids`` int64 ``[batch, seq]`` right-padded with the manifest's ``pad_id`` and ``lengths`` int64 ``[batch]``,
-and returns ``probabilities`` float32 ``[batch, num_classes]`` (softmax in the graph). Texts become ids through
-``Encoder`` and batches become tensors through ``inputs``: training, export checks, the service and the benchmark
-baselines all call these, so a sentence gets the same ids and the same padding everywhere.
+``input_ids`` int64 ``[batch, seq]`` right-padded with the manifest's ``pad_id`` and the rest of its input
+signature (``SIGNATURES``: ``lengths`` int64 ``[batch]`` for the trained LSTM; ``attention_mask`` and, for BERT,
+``token_type_ids``, int64 ``[batch, seq]``, for an imported encoder), and returns ``probabilities`` float32
+``[batch, num_classes]`` (softmax, or a sigmoid per class for a multi-label model, in the graph). Texts become ids
+through ``Encoder`` and batches become tensors through ``inputs``: training, export checks, the service and the
+benchmark baselines all call these, so a sentence gets the same ids and the same padding everywhere.
 
 This module never imports torch or training code (the service imports it); ``check`` is what both
 ``python -m model_export check`` and the service's start-up run.
@@ -21,16 +23,24 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tokenizers import Tokenizer
 
 FILES = ("model.onnx", "tokenizer.json", "labels.json")
 MANIFEST = "manifest.json"
 INPUT_IDS, LENGTHS, PROBABILITIES = "input_ids", "lengths", "probabilities"
-INPUT_TYPES = {INPUT_IDS: "tensor(int64)", LENGTHS: "tensor(int64)"}
+ATTENTION_MASK, TOKEN_TYPE_IDS = "attention_mask", "token_type_ids"
+# The graph inputs each kind of model may take (the manifest's ``inputs`` keys, in this order); all int64.
+SIGNATURES = {"lstm": ((INPUT_IDS, LENGTHS),),
+              "encoder": ((INPUT_IDS, ATTENTION_MASK), (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS))}
+INPUT_TYPE = "tensor(int64)"
+INPUT_TYPES = {INPUT_IDS: INPUT_TYPE, LENGTHS: INPUT_TYPE}  # the LSTM's
+INPUT_DOCS = {INPUT_IDS: "int64 [batch, seq], right-padded with pad_id", LENGTHS: "int64 [batch]",
+              ATTENTION_MASK: "int64 [batch, seq], 1 on real tokens, 0 on padding",
+              TOKEN_TYPE_IDS: "int64 [batch, seq], zeros (one segment)"}
 OUTPUT_TYPE = "tensor(float)"
 OPSET = 17  # what the exporter writes
 MIN_OPSET = 11  # LSTM with dynamic batch and sequence axes
@@ -63,7 +73,14 @@ class Manifest(BaseModel):
     unk_id: int = Field(ge=0)
     vocab_size: int = Field(ge=1)
     opset: int = Field(ge=MIN_OPSET)
-    inputs: dict[str, str] = {INPUT_IDS: "int64 [batch, seq], right-padded with pad_id", LENGTHS: "int64 [batch]"}
+    # What kind of model the graph is (``SIGNATURES``), its output activation (``sigmoid``: multi-label, each class
+    # scored on its own) and whether ``Encoder`` adds the tokenizer's special tokens ([CLS] x [SEP], <s> x </s>),
+    # as an imported encoder was trained with. The defaults are the LSTM's, which artifacts made before these
+    # fields keep.
+    model_kind: Literal["lstm", "encoder"] = "lstm"
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    special_tokens: bool = False
+    inputs: dict[str, str] = {name: INPUT_DOCS[name] for name in SIGNATURES["lstm"][0]}
     outputs: dict[str, str] = {PROBABILITIES: "float32 [batch, num_classes], softmax applied"}
     dataset: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -87,6 +104,18 @@ class Manifest(BaseModel):
         if missing:
             raise ValueError(f"no sha256 recorded for {', '.join(missing)}")
         return files
+
+    @model_validator(mode="after")
+    def _known_signature(self) -> Manifest:
+        if tuple(self.inputs) not in SIGNATURES[self.model_kind]:
+            allowed = " or ".join(", ".join(names) for names in SIGNATURES[self.model_kind])
+            raise ValueError(f"inputs {', '.join(self.inputs) or 'none'} are not a {self.model_kind} signature "
+                             f"({allowed})")
+        return self
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
 
 
 @dataclass(frozen=True)
@@ -176,39 +205,76 @@ BERT_NORMALIZER = {"type": "BertNormalizer", "clean_text": True, "handle_chinese
 PLAIN_ASCII = re.compile(r"[\t\n\r\x20-\x7e]*")
 
 
+def _ascii_shortcut(spec: dict) -> bool:
+    """Whether plain-ASCII texts may skip this tokenizer's normalizer (lower-cased in Python instead) and get the
+    same ids: a lower-casing, text-cleaning ``BertNormalizer`` (``BERT_NORMALIZER`` or a Hugging Face BERT's, whose
+    ``strip_accents`` and ``handle_chinese_chars`` do nothing to ASCII) before the BERT pre-tokenizer, which splits
+    on the whitespace the normalizer would have turned into spaces. An added token with whitespace in it could
+    match only after that mapping, so such a tokenizer gets no shortcut."""
+    normalizer, pre_tokenizer = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    return (normalizer.get("type") == "BertNormalizer" and normalizer.get("lowercase") is True
+            and normalizer.get("clean_text") is True and pre_tokenizer == {"type": "BertPreTokenizer"}
+            and not any(re.search(r"\s", token["content"]) for token in spec.get("added_tokens") or []))
+
+
 class Encoder:
     """Texts to the token ids the model was trained on, and whether each was cut to ``max_length``.
 
-    No special tokens; a text with no tokens becomes ``[unk_id]``. ``encode_batch_fast`` gives the same ids as
-    ``encode_batch`` without character offsets. When the tokenizer's normalizer is ``BERT_NORMALIZER``, plain
-    ASCII texts are lower-cased here and tokenized without it: the same ids (a test compares both paths on every
-    Banking77 sentence and on generated text), for about 40% less time per sentence (measured: 44 -> 26 us).
+    Without ``special_tokens`` (the LSTM): no special tokens, the ids cut to ``max_length``, and a text with no
+    tokens becomes ``[unk_id]``. With them (an imported encoder): the tokenizer's post-processor adds them as the
+    model was trained ([CLS] x [SEP], <s> x </s>) and its own truncation cuts the text's tokens, never the final
+    special token, to fit ``max_length``; the tokenizer file's padding is never applied.
+    ``encode_batch_fast`` gives the same ids as ``encode_batch`` without character offsets.
+
+    Where ``_ascii_shortcut`` allows it, plain ASCII texts are lower-cased here and tokenized without the
+    normalizer: the same ids (a test compares both paths on every Banking77 sentence and on generated text), for
+    about 40% less time per sentence (measured: 44 -> 26 us). A text holding an added token's content (say
+    "[SEP]", in any case) takes the full path: added tokens are matched before normalization.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, unk_id: int) -> None:
-        self.tokenizer, self.max_length, self.unk_id = tokenizer, max_length, unk_id
+    def __init__(self, tokenizer: Tokenizer, max_length: int, unk_id: int, special_tokens: bool = False) -> None:
+        self.tokenizer, self.max_length, self.unk_id, self.special_tokens = (tokenizer, max_length, unk_id,
+                                                                             special_tokens)
         spec = json.loads(tokenizer.to_str())
+        self._full = self._working(spec)
         self._plain: Tokenizer | None = None
-        if spec.get("normalizer") == BERT_NORMALIZER:
-            self._plain = Tokenizer.from_str(json.dumps(spec | {"normalizer": None}))
+        self._simple = PLAIN_ASCII.fullmatch
+        if _ascii_shortcut(spec):
+            self._plain = self._working(spec | {"normalizer": None})
+            added = [re.escape(token["content"]) for token in spec.get("added_tokens") or []]
+            if added:
+                other = re.compile("|".join(added), re.IGNORECASE).search
+                self._simple = lambda text: PLAIN_ASCII.fullmatch(text) is not None and other(text) is None
+
+    def _working(self, spec: dict) -> Tokenizer:
+        tokenizer = Tokenizer.from_str(json.dumps(spec))
+        tokenizer.no_padding()
+        if self.special_tokens:
+            tokenizer.enable_truncation(self.max_length)
+        else:
+            tokenizer.no_truncation()
+        return tokenizer
 
     def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
-        plain, match = self._plain, PLAIN_ASCII.fullmatch
+        plain, match, special = self._plain, self._simple, self.special_tokens
         if plain is not None and all(match(text) for text in texts):
-            encodings = plain.encode_batch_fast([text.lower() for text in texts], add_special_tokens=False)
+            encodings = plain.encode_batch_fast([text.lower() for text in texts], add_special_tokens=special)
         elif plain is not None and any(match(text) for text in texts):
             encodings = [None] * len(texts)
             simple = [i for i, text in enumerate(texts) if match(text)]
             other = [i for i, text in enumerate(texts) if not match(text)]
             for index, encoding in zip(simple, plain.encode_batch_fast([texts[i].lower() for i in simple],
-                                                                       add_special_tokens=False)):
+                                                                       add_special_tokens=special)):
                 encodings[index] = encoding
-            for index, encoding in zip(other, self.tokenizer.encode_batch_fast([texts[i] for i in other],
-                                                                              add_special_tokens=False)):
+            for index, encoding in zip(other, self._full.encode_batch_fast([texts[i] for i in other],
+                                                                          add_special_tokens=special)):
                 encodings[index] = encoding
         else:
-            encodings = self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
-        ids, truncated, limit, unk = [], [], self.max_length, [self.unk_id]
+            encodings = self._full.encode_batch_fast(list(texts), add_special_tokens=special)
+        unk = [self.unk_id]
+        if special:  # truncated by the tokenizer; what it cut off is in ``overflowing``
+            return [encoding.ids or unk for encoding in encodings], [bool(e.overflowing) for e in encodings]
+        ids, truncated, limit = [], [], self.max_length
         for encoding in encodings:
             tokens = encoding.ids
             ids.append(tokens[:limit] or unk)
@@ -226,10 +292,24 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
     return ids, lengths
 
 
-def inputs(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """The graph's input feed for one batch."""
+def inputs(sequences: Sequence[Sequence[int]], pad_id: int,
+           names: Sequence[str] = SIGNATURES["lstm"][0]) -> dict[str, np.ndarray]:
+    """The graph's input feed for one batch: the tensors ``names`` (a manifest's ``input_names``; the LSTM's by
+    default), all from the same right-padded ids."""
     ids, lengths = pad(sequences, pad_id)
-    return {INPUT_IDS: ids, LENGTHS: lengths}
+    feed = {}
+    for name in names:
+        if name == INPUT_IDS:
+            feed[name] = ids
+        elif name == LENGTHS:
+            feed[name] = lengths
+        elif name == ATTENTION_MASK:
+            feed[name] = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
+        elif name == TOKEN_TYPE_IDS:
+            feed[name] = np.zeros_like(ids)
+        else:
+            raise ValueError(f"no such graph input: {name!r}")
+    return feed
 
 
 # --- checking a folder --------------------------------------------------------------------------------------------
@@ -316,7 +396,8 @@ def read(folder: Path) -> Artifact:
         if getattr(manifest, key) >= vocab:
             raise ArtifactError(f"{folder}/manifest.json: {key}={getattr(manifest, key)} outside the tokenizer's "
                                 f"{vocab} ids")
-    return Artifact(folder, manifest, labels, tokenizer, Encoder(tokenizer, manifest.max_length, manifest.unk_id))
+    return Artifact(folder, manifest, labels, tokenizer,
+                    Encoder(tokenizer, manifest.max_length, manifest.unk_id, manifest.special_tokens))
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -335,8 +416,9 @@ def read_manifest(folder: Path) -> Manifest:
 def check(folder: Path, providers: Sequence[str] = (CPU,), intra_op_threads: int = 1,
           inter_op_threads: int = 1) -> Artifact:
     """``read`` the folder, open the graph in onnxruntime with ``providers`` and prove it keeps the contract:
-    input names and types, output name and class count, and a test batch of two lengths that returns one
-    probability row per sentence, each summing to 1. Returns the artifact with its open session."""
+    input names (the manifest's signature) and types, output name and class count, and a test batch of two
+    lengths that returns one probability row per sentence, each summing to 1 (softmax) or each value in [0, 1]
+    (sigmoid). Returns the artifact with its open session."""
     import onnxruntime as ort
 
     artifact = read(folder)
@@ -351,8 +433,9 @@ def check(folder: Path, providers: Sequence[str] = (CPU,), intra_op_threads: int
         raise ArtifactError(f"{folder}/model.onnx: onnxruntime {ort.__version__} cannot load it "
                             f"(opset {manifest.opset}): {_one_line(error)}") from None
     found = {i.name: i.type for i in session.get_inputs()}
-    if found != INPUT_TYPES:
-        raise ArtifactError(f"{folder}/model.onnx: inputs {found}, the contract says {INPUT_TYPES}")
+    expected = {name: INPUT_TYPE for name in manifest.input_names}
+    if found != expected:
+        raise ArtifactError(f"{folder}/model.onnx: inputs {found}, the manifest says {expected}")
     outputs = {o.name: o for o in session.get_outputs()}
     if PROBABILITIES not in outputs or outputs[PROBABILITIES].type != OUTPUT_TYPE:
         raise ArtifactError(f"{folder}/model.onnx: no float {PROBABILITIES!r} output (has {sorted(outputs)})")
@@ -362,14 +445,16 @@ def check(folder: Path, providers: Sequence[str] = (CPU,), intra_op_threads: int
                             f"num_classes={manifest.num_classes}")
     try:
         probabilities = session.run([PROBABILITIES], inputs([[manifest.unk_id] * 3, [manifest.unk_id]],
-                                                            manifest.pad_id))[0]
+                                                            manifest.pad_id, manifest.input_names))[0]
     except Exception as error:
         raise ArtifactError(f"{folder}/model.onnx: a test run failed: {_one_line(error)}") from None
     if probabilities.shape != (2, manifest.num_classes):
         raise ArtifactError(f"{folder}/model.onnx: a test batch of 2 gave shape {probabilities.shape}, expected "
                             f"(2, {manifest.num_classes})")
-    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
+    if manifest.activation == "softmax" and not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
         raise ArtifactError(f"{folder}/model.onnx: output rows do not sum to 1 (softmax must be in the graph)")
+    if manifest.activation == "sigmoid" and not ((probabilities >= 0) & (probabilities <= 1)).all():
+        raise ArtifactError(f"{folder}/model.onnx: outputs outside [0, 1] (the sigmoid must be in the graph)")
     return Artifact(folder, manifest, artifact.labels, artifact.tokenizer, artifact.encoder, session)
 
 

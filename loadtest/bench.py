@@ -206,7 +206,8 @@ def wrong_answers(url: str, config: Config, args) -> str | None:
     artifact = contract.check(args.version_dir)
     texts = args.sentences[:16]
     ids = artifact.encoder.encode(texts)[0]
-    direct = np.concatenate([artifact.session.run(None, contract.inputs([s], artifact.manifest.pad_id))[0]
+    direct = np.concatenate([artifact.session.run(None, contract.inputs([s], artifact.manifest.pad_id,
+                                                                              artifact.manifest.input_names))[0]
                              for s in ids])
     labels = artifact.labels
     try:

@@ -69,7 +69,8 @@ def providers(choice: str) -> list[str]:
 
 def alone(artifact: contract.Artifact, ids: list[list[int]]) -> np.ndarray:
     pad = artifact.manifest.pad_id
-    return np.concatenate([artifact.session.run(None, contract.inputs([s], pad))[0] for s in ids])
+    return np.concatenate([artifact.session.run(None, contract.inputs([s], pad, artifact.manifest.input_names))[0]
+                           for s in ids])
 
 
 def in_batches(artifact: contract.Artifact, ids: list[list[int]], size: int, seed: int) -> np.ndarray:
@@ -78,7 +79,8 @@ def in_batches(artifact: contract.Artifact, ids: list[list[int]], size: int, see
     out = np.zeros((len(ids), artifact.manifest.num_classes), dtype=np.float32)
     for start in range(0, len(order), size):
         index = order[start:start + size]
-        out[index] = artifact.session.run(None, contract.inputs([ids[i] for i in index], artifact.manifest.pad_id))[0]
+        out[index] = artifact.session.run(None, contract.inputs([ids[i] for i in index], artifact.manifest.pad_id,
+                                                                   artifact.manifest.input_names))[0]
     return out
 
 

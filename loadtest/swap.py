@@ -54,7 +54,8 @@ def expected(folder: Path, bodies: list[tuple[int, bytes]]) -> list[np.ndarray]:
     for _, body, _ in bodies:
         texts = json.loads(body)["texts"]
         ids = artifact.encoder.encode(texts)[0]
-        out.append(np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids]))
+        feeds = [contract.inputs([s], manifest.pad_id, manifest.input_names) for s in ids]
+        out.append(np.concatenate([artifact.session.run(None, feed)[0] for feed in feeds]))
     return out
 
 

@@ -36,7 +36,7 @@ def sentences_per_second(artifact: contract.Artifact, texts: Sequence[str], size
             sequences = artifact.encoder.encode([texts[i] for i in batch])[0]
         else:
             sequences = [ids[i] for i in batch]
-        session.run(names, contract.inputs(sequences, manifest.pad_id))
+        session.run(names, contract.inputs(sequences, manifest.pad_id, manifest.input_names))
         done, position = done + len(batch), position + 1
     return done / (time.perf_counter() - started)
 

@@ -1,4 +1,5 @@
-"""``python -m model_export``: train (and export, verify) an artifact, evaluate it, check it, benchmark it."""
+"""``python -m model_export``: train (and export, verify) an artifact or import a fine-tuned Hugging Face
+classifier as one, evaluate it, check it, benchmark it."""
 
 from __future__ import annotations
 
@@ -73,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_training_arguments(tune)
 
+    hf = commands.add_parser("import", help="a fine-tuned Hugging Face sequence classifier (a local folder) to an "
+                             "artifact folder: ONNX export, parity and batch-invariance checks, and with --data "
+                             "test scores, calibration, thresholds and the drift reference")
+    hf.add_argument("folder", type=Path, help="the folder save_pretrained wrote: config.json, weights, tokenizer")
+    hf.add_argument("--out", type=Path, required=True, help="artifact folder to write, e.g. models/sentiment/1")
+    hf.add_argument("--name", help="model name in the manifest (default: the --out parent folder's name)")
+    hf.add_argument("--force", action="store_true", help="replace --out if it exists")
+    hf.add_argument("--data", help="labelled sentences (a folder with train/test files, or one file with "
+                    "--test-fraction) whose labels are id2label's names")
+    hf.add_argument("--text-column", default="text", help="column holding the sentence (default: text)")
+    hf.add_argument("--label-column", default="label", help="column holding the class (default: label)")
+    hf.add_argument("--test-fraction", type=float, help="with one --data file: the share held out as the test split")
+
     evaluate = commands.add_parser("evaluate", help="accuracy and macro-F1 of an artifact on a dataset's test split")
     evaluate.add_argument("artifact", type=Path)
     _add_data_arguments(evaluate)
@@ -120,13 +134,20 @@ def _config_and_data(args):
     return config, dataset
 
 
-def command_train(args) -> None:
-    from .pipeline import build_artifact, check_output_folder
+def _check_out(args) -> None:
+    """``--out`` is writable, empty (or ``--force``) and an integer version folder."""
+    from .pipeline import check_output_folder
 
     check_output_folder(args.out, args.force)
     if not args.out.name.isdigit():
         raise UserError(f"--out {args.out}: the last part must be an integer version folder, as in "
                         f"models/<name>/1 (the service serves models/<name>/<version>/)")
+
+
+def command_train(args) -> None:
+    from .pipeline import build_artifact
+
+    _check_out(args)
     from .openset import separate
 
     config, dataset = _config_and_data(args)
@@ -162,10 +183,7 @@ def command_tune(args) -> None:
     if args.results is not None and args.out is not None:
         raise UserError("--results is for a search without --out; with --out the results go into the artifact folder")
     if args.out is not None:
-        check_output_folder(args.out, args.force)
-        if not args.out.name.isdigit():
-            raise UserError(f"--out {args.out}: the last part must be an integer version folder, as in "
-                            f"models/<name>/1 (the service serves models/<name>/<version>/)")
+        _check_out(args)
     fixed = {f.name for f in fields(TrainConfig) if getattr(args, f"hp_{f.name}") is not None}
     space = load_space(args.space, fixed)
     config, dataset = _config_and_data(args)
@@ -194,6 +212,19 @@ def command_tune(args) -> None:
                    info, progress=False, fitted=fitted, tuning=tuning, extras=extras)
     print(f"wrote {args.out} with the winner (tune_results.md, tune_config.json beside the model; "
           f"train --config {args.out}/tune_config.json{limit} retrains it)")
+
+
+def command_import(args) -> None:
+    from .hf_import import build, read_folder
+
+    folder = read_folder(args.folder)
+    _check_out(args)
+    dataset, info = None, {}
+    if args.data is not None:
+        dataset = _load(args)
+        info = {"name": dataset.name, "text_column": args.text_column, "label_column": args.label_column,
+                "licence": _licence(Path(args.data))}
+    build(folder, args.out, args.name or args.out.resolve().parent.name, args.out.name, dataset, info)
 
 
 def command_seeds(args) -> None:
@@ -233,7 +264,7 @@ def command_evaluate(args) -> None:
         raise UserError(f"test labels not known to the model: {', '.join(unknown[:5])}")
     manifest = artifact.manifest
     sequences = _encode(artifact, test.texts)
-    predictions = onnx_predict(artifact.session, sequences, manifest.pad_id).argmax(1)
+    predictions = onnx_predict(artifact.session, sequences, manifest.pad_id, names=manifest.input_names).argmax(1)
     index = {label: i for i, label in enumerate(artifact.labels)}
     metrics, report = test_metrics(np.array([index[label] for label in test.labels]), predictions, artifact.labels)
     print(report)
@@ -267,9 +298,8 @@ def command_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": command_train, "tune": command_tune, "seeds": command_seeds, "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[
-            args.command
-        ](args)
+        {"train": command_train, "tune": command_tune, "import": command_import, "seeds": command_seeds,
+         "evaluate": command_evaluate, "check": command_check, "bench": command_bench}[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from contract import OPSET, TOLERANCE
 
 from .errors import UserError
 from .model import SentenceClassifier
-from .train import pad_batch, predict
+from .train import pad_batch
 
 
 def export_onnx(model: SentenceClassifier, path: Path) -> None:
@@ -55,42 +55,47 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=[contract.CPU])
 
 
-def run_batch(sess: ort.InferenceSession, sequences: list[list[int]], pad_id: int) -> np.ndarray:
-    return sess.run([contract.PROBABILITIES], contract.inputs(sequences, pad_id))[0]
+LSTM_INPUTS = contract.SIGNATURES["lstm"][0]
+
+
+def run_batch(sess: ort.InferenceSession, sequences: list[list[int]], pad_id: int,
+              names: tuple[str, ...] = LSTM_INPUTS) -> np.ndarray:
+    return sess.run([contract.PROBABILITIES], contract.inputs(sequences, pad_id, names))[0]
 
 
 def onnx_predict(sess: ort.InferenceSession, sequences: list[list[int]], pad_id: int, batch_size: int = 64,
-                 shuffle_seed: int | None = None) -> np.ndarray:
-    """Probabilities in input order; batches of consecutive items, or of a random mix when ``shuffle_seed`` is set."""
+                 shuffle_seed: int | None = None, names: tuple[str, ...] = LSTM_INPUTS) -> np.ndarray:
+    """Probabilities in input order; batches of consecutive items, or of a random mix when ``shuffle_seed`` is set.
+    ``names``: the graph's inputs (a manifest's ``input_names``)."""
     order = list(range(len(sequences)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
     parts = []
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        parts.append((index, run_batch(sess, [sequences[i] for i in index], pad_id)))
+        parts.append((index, run_batch(sess, [sequences[i] for i in index], pad_id, names)))
     out = np.zeros((len(sequences), parts[0][1].shape[1]), dtype=np.float32)
     for index, probabilities in parts:
         out[index] = probabilities
     return out
 
 
-def verify(model: SentenceClassifier, onnx_path: Path, sequences: list[list[int]]) -> tuple[dict, np.ndarray]:
-    """Parity (ONNX vs torch) and batch invariance (alone vs inside mixed-length padded batches) on ``sequences``.
+def verify(onnx_path: Path, sequences: list[list[int]], reference: np.ndarray, pad_id: int,
+           names: tuple[str, ...] = LSTM_INPUTS) -> tuple[dict, np.ndarray]:
+    """Parity (ONNX vs ``reference``, torch's probabilities of ``sequences``) and batch invariance (alone vs inside
+    mixed-length padded batches) on ``sequences``; ``names``: the graph's inputs.
 
     Returns the checks and the ONNX probabilities of each sentence run alone (the caller scores them).
     Raises ``UserError`` when either bound is broken, so a bad artifact is never written as good.
     """
-    pad_id = model.shape.pad_id
     sess = session(onnx_path)
-    torch_probs = predict(model, sequences, pad_id)
-    alone = np.concatenate([run_batch(sess, [s], pad_id) for s in sequences])
-    mixes = [onnx_predict(sess, sequences, pad_id, size, seed) for size, seed in ((64, 1), (17, 2), (256, 3))]
+    alone = np.concatenate([run_batch(sess, [s], pad_id, names) for s in sequences])
+    mixes = [onnx_predict(sess, sequences, pad_id, size, seed, names) for size, seed in ((64, 1), (17, 2), (256, 3))]
     mixed = np.maximum.reduce([np.abs(probabilities - alone) for probabilities in mixes])
     argmax_changes = np.logical_or.reduce([probabilities.argmax(1) != alone.argmax(1) for probabilities in mixes])
     result = {
         "checked_sentences": len(sequences),
-        "parity_max_abs_diff": float(np.abs(torch_probs - alone).max()),
+        "parity_max_abs_diff": float(np.abs(reference - alone).max()),
         "batch_invariance_max_abs_diff": float(mixed.max()),
         "batch_invariance_argmax_changes": int(argmax_changes.sum()),
         "tolerance": TOLERANCE,

@@ -6,6 +6,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,16 +108,30 @@ def calibrate(fitted: Fitted, config: TrainConfig, validation_targets: np.ndarra
     logits = predict(model, fitted.ids(fitted.validation.texts, config.max_length), fitted.pad_id, logits=True)
     if not config.calibrate:
         return {"enabled": False}, calibration.softmax(logits)
-    temperature = calibration.fit_temperature(logits, validation_targets)
-    model.temperature.fill_(temperature)
+    record, after = fit_temperature(logits, validation_targets)
+    model.temperature.fill_(record["temperature"])
+    return record, after
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Temperature scaling fitted on the validation logits: the manifest's calibration record and the calibrated
+    validation probabilities."""
+    temperature = calibration.fit_temperature(logits, targets)
     before, after = calibration.softmax(logits), calibration.softmax(logits, temperature)
     record = {"enabled": True, "method": "temperature scaling", "fitted_on": "validation",
               "temperature": temperature, "bins": calibration.ECE_BINS,
-              "validation_nll_before": calibration.nll(logits, validation_targets),
-              "validation_nll_after": calibration.nll(logits, validation_targets, temperature),
-              "validation_ece_before": calibration.ece(before, validation_targets),
-              "validation_ece_after": calibration.ece(after, validation_targets)}
+              "validation_nll_before": calibration.nll(logits, targets),
+              "validation_nll_after": calibration.nll(logits, targets, temperature),
+              "validation_ece_before": calibration.ece(before, targets),
+              "validation_ece_after": calibration.ece(after, targets)}
     return record, after
+
+
+def calibration_on_test(uncalibrated: np.ndarray, calibrated: np.ndarray, targets: np.ndarray) -> dict:
+    """What the temperature did on the test split, for the calibration record."""
+    return {"test_ece_before": calibration.ece(uncalibrated, targets),
+            "test_ece_after": calibration.ece(calibrated, targets),
+            "argmax_changes": int((uncalibrated.argmax(1) != calibrated.argmax(1)).sum())}
 
 
 def selective(validation_probabilities: np.ndarray, validation_targets: np.ndarray, test_probabilities: np.ndarray,
@@ -137,8 +153,14 @@ def drift_reference(fitted: Fitted, max_length: int, validation_probabilities: n
     the training rows, top score on validation (training rows are scored over-confidently)."""
     ids = fitted.ids(fitted.fit.texts, max_length)
     probabilities = predict(fitted.result.model, ids, fitted.pad_id)
-    unk_id = fitted.tokenizer.token_to_id(UNK)
-    sizes = contract.drift_sizes(len(fitted.labels))
+    return drift_record(ids, probabilities, validation_probabilities, fitted.tokenizer.token_to_id(UNK))
+
+
+def drift_record(ids: list[list[int]], probabilities: np.ndarray, validation_probabilities: np.ndarray,
+                 unk_id: int) -> dict:
+    """The manifest's ``drift``: each signal's share per bin, from the training rows' ids and probabilities and
+    the validation rows' probabilities."""
+    sizes = contract.drift_sizes(probabilities.shape[1])
     counts = {name: np.zeros(size) for name, size in sizes.items()}
     for sentence, row in zip(ids, probabilities):
         length, unknown, top, _ = contract.drift_bins(sentence, unk_id, int(row.argmax()), float(row.max()))
@@ -184,17 +206,15 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
         log(f"calibration: temperature {calibrated['temperature']:.3f} (validation NLL "
             f"{calibrated['validation_nll_before']:.4f} -> {calibrated['validation_nll_after']:.4f})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; a container's non-root user must read the artifact
-    try:
+    with staged(out) as staging:
         tokenizer.save(str(staging / "tokenizer.json"))
         contract.write_json(staging / "labels.json", labels)
         export_onnx(result.model, staging / "model.onnx")
 
         # The test split is touched here, once, after the model was chosen on validation.
         test_ids = fitted.ids(dataset.test.texts, config.max_length)
-        checks, probabilities = verify(result.model, staging / "model.onnx", test_ids)
+        checks, probabilities = verify(staging / "model.onnx", test_ids, predict(result.model, test_ids, pad_id),
+                                       pad_id)
         targets = np.array([index[label] for label in dataset.test.labels])
         predictions = probabilities.argmax(1)
         metrics, report = test_metrics(targets, predictions, labels)
@@ -203,9 +223,7 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
         plot_training_curve(result.history, result.best_epoch, staging / "training_curve.png")
         uncalibrated = calibration.softmax(predict(result.model, test_ids, pad_id, logits=True))
         if calibrated["enabled"]:
-            calibrated |= {"test_ece_before": calibration.ece(uncalibrated, targets),
-                           "test_ece_after": calibration.ece(probabilities, targets),
-                           "argmax_changes": int((uncalibrated.argmax(1) != predictions).sum())}
+            calibrated |= calibration_on_test(uncalibrated, probabilities, targets)
             log(f"calibration: test ECE {calibrated['test_ece_before']:.4f} -> {calibrated['test_ece_after']:.4f} "
                 f"({calibrated['argmax_changes']} argmax changes)")
         plot_reliability(uncalibrated, probabilities if calibrated["enabled"] else None, targets,
@@ -251,24 +269,22 @@ def build_artifact(dataset: Dataset, config: TrainConfig, out: Path, name: str, 
             selective=thresholds,
             open_set=open_set,
             drift=drift,
-            versions={"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-                      "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__},
+            versions=library_versions(),
         )
         contract.write_manifest(staging, manifest)
         if extras is not None:
             extras(staging)
         contract.check(staging)  # what the service will check at start, before the folder is published
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; parity "
         f"{checks['parity_max_abs_diff']:.1e}, batch invariance {checks['batch_invariance_max_abs_diff']:.1e} "
         f"({checks['batch_invariance_argmax_changes']} argmax changes); wrote {out} in "
         f"{time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__}
 
 
 def selective_table(selective: dict) -> str:
@@ -282,6 +298,23 @@ def selective_table(selective: dict) -> str:
             cells.append("-" if value is None else f"{value:.4f}" if key == "min_score" else f"{value:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write an artifact into: renamed into place as ``out`` (replacing it) when
+    the block ends, deleted when it raises, so no reader (the service's repository poller) sees half a folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a container's non-root user must read the artifact
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def check_output_folder(out: Path, force: bool) -> None:

@@ -35,16 +35,19 @@ class Runtime:
         self.session = artifact.session
         self.num_classes = artifact.manifest.num_classes
         self.pad_id = artifact.manifest.pad_id
+        self.input_names = artifact.manifest.input_names  # the graph's signature: lengths, or an attention mask
         self.provider = artifact.provider
         self._outputs = [contract.PROBABILITIES]
 
     def run(self, sequences: list[list[int]]) -> list[Scores]:
         """Each sentence's probabilities and its classes by descending probability.
 
-        The batch is padded only to its own longest sentence. Ranking and the conversion to lists happen here,
-        in the worker thread, once per batch, not once per request on the event loop.
+        The batch is padded only to its own longest sentence; its feed has the tensors the manifest's signature
+        names (an encoder's attention mask comes from the same lengths). Ranking and the conversion to lists
+        happen here, in the worker thread, once per batch, not once per request on the event loop.
         """
-        probabilities = self.session.run(self._outputs, contract.inputs(sequences, self.pad_id))[0]
+        probabilities = self.session.run(self._outputs, contract.inputs(sequences, self.pad_id,
+                                                                     self.input_names))[0]
         if probabilities.shape != (len(sequences), self.num_classes):
             raise RuntimeError(f"model returned shape {probabilities.shape}, expected "
                                f"{(len(sequences), self.num_classes)}")

@@ -44,7 +44,8 @@ def alone(folder: Path, texts: list[str]) -> np.ndarray:
     artifact = contract.check(folder)
     manifest = artifact.manifest
     ids = artifact.encoder.encode(texts)[0]
-    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id))[0] for s in ids])
+    return np.concatenate([artifact.session.run(None, contract.inputs([s], manifest.pad_id, manifest.input_names))[0]
+                           for s in ids])
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,41 @@ def test_artifact() -> Path:
     if not (TEST_ARTIFACT / "manifest.json").is_file():
         pytest.fail(f"{TEST_ARTIFACT.relative_to(ROOT)} is missing: run `make test-artifact` first")
     return TEST_ARTIFACT
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory):
+    """``hf_folder(kind)``: a tiny fine-tuned-looking Hugging Face classifier folder of that kind
+    (``tests/hf_models.py``: bert, distilbert, roberta, xlm-roberta, bert-multilabel, bert-slow), built on first
+    use, once per session; never downloaded."""
+    from hf_models import build
+
+    root, built = tmp_path_factory.mktemp("hf-models"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build(kind, root / kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def imported_encoder(hf_folder, tmp_path_factory: pytest.TempPathFactory):
+    """``imported_encoder(kind)``: ``hf_folder(kind)`` imported by ``python -m model_export import`` (run in this
+    process) as the version folder ``<tmp>/<kind>/1``, once per session."""
+    from model_export.cli import main
+
+    root, done = tmp_path_factory.mktemp("imported"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = root / kind / "1"
+            assert main(["import", str(hf_folder(kind)), "--out", str(out)]) == 0, kind
+            done[kind] = out
+        return done[kind]
+
+    return get
 
 
 @pytest.fixture

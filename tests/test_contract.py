@@ -127,8 +127,32 @@ def test_version_folders(artifact_copy):
 def test_the_contract_is_defined_once():
     """The tensor names, the file list and encode/pad live in contract.py alone (tests aside)."""
     sources = [p for folder in ("service", "model_export", "loadtest", "scripts") for p in (ROOT / folder).rglob("*.py")]
-    for needle in ('"input_ids"', '"lengths"', '(["probabilities"]', '=["probabilities"]', '"tensor(int64)"',
+    for needle in ('"input_ids"', '"lengths"', '"attention_mask"', '"token_type_ids"', '(["probabilities"]',
+                   '=["probabilities"]', '"tensor(int64)"',
                    '"tokenizer.json", "labels.json"',
                    "def encode(", "def pad(", "encode_batch", "def sha256("):
         found = [str(p.relative_to(ROOT)) for p in sources if needle in p.read_text(encoding="utf-8")]
         assert not found, f"{needle} is defined again in {found}"
+
+
+def test_inputs_builds_each_signatures_feed_from_the_same_padded_ids():
+    sequences = [[5, 6, 7], [8], [9, 10]]
+    lstm = contract.inputs(sequences, 0)
+    assert list(lstm) == list(contract.SIGNATURES["lstm"][0]) and lstm[contract.LENGTHS].tolist() == [3, 1, 2]
+    for names in contract.SIGNATURES["encoder"]:
+        feed = contract.inputs(sequences, 0, names)
+        assert list(feed) == list(names) and all(tensor.dtype == np.int64 for tensor in feed.values())
+        assert (feed[contract.INPUT_IDS] == lstm[contract.INPUT_IDS]).all()
+        assert feed[contract.ATTENTION_MASK].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert (feed[contract.TOKEN_TYPE_IDS] == 0).all() and feed[contract.TOKEN_TYPE_IDS].shape == (3, 3)
+    with pytest.raises(ValueError, match="no such graph input"):
+        contract.inputs(sequences, 0, ("input_ids", "pixels"))
+
+
+def test_manifests_made_before_the_encoder_fields_read_as_lstm_softmax():
+    for folder in (TEST_ARTIFACT, ROOT / "models" / "banking77" / "1"):
+        raw = json.loads((folder / "manifest.json").read_text())
+        manifest = contract.read_manifest(folder)
+        assert "model_kind" not in raw or folder == TEST_ARTIFACT
+        assert (manifest.model_kind, manifest.activation, manifest.special_tokens) == ("lstm", "softmax", False)
+        assert manifest.input_names == contract.SIGNATURES["lstm"][0]

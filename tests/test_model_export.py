@@ -165,7 +165,7 @@ def assert_contract(folder: Path) -> dict:
         assert (folder / name).is_file(), name
     manifest = artifact.manifest
     ids = encode(artifact.tokenizer, ["where is my card", "I want a refund for this payment please"], manifest.max_length)
-    probabilities = artifact.session.run(None, contract.inputs(ids, manifest.pad_id))[0]
+    probabilities = artifact.session.run(None, contract.inputs(ids, manifest.pad_id, manifest.input_names))[0]
     assert probabilities.shape == (2, manifest.num_classes)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     verification = manifest.verification

@@ -22,7 +22,7 @@ from loadtest.peers import PEERS
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 PROJECT = PYPROJECT["project"]["name"]
-OURS = {"contract", "service", "model_export", "loadtest", "conftest"}
+OURS = {"contract", "service", "model_export", "loadtest", "conftest", "hf_models"}
 # The code each extra must be enough for.
 USES = {"serve": ["contract.py", "service"], "export": ["contract.py", "model_export"], "load": ["loadtest"],
         "locust": ["loadtest/locustfile.py"], "dev": ["tests", "scripts"]}

@@ -25,7 +25,8 @@ def classify(request: ClassifyRequest) -> dict:
     artifact: contract.Artifact = STATE["artifact"]
     manifest, texts = artifact.manifest, request.all_texts()
     ids, truncated = artifact.encoder.encode(texts)
-    probabilities = artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, manifest.pad_id))[0].tolist()
+    probabilities = artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, manifest.pad_id,
+                                                                                       manifest.input_names))[0].tolist()
     top_k = request.top_k or STATE["top_k"]
     return {"model": f"naive-{manifest.name}", "version": manifest.version,
             "predictions": [prediction(artifact.labels, row, top_k, cut) for row, cut in zip(probabilities, truncated)]}

@@ -28,7 +28,8 @@ class Classifier(ls.LitAPI):
     def predict(self, texts):
         ids, _ = self.artifact.encoder.encode(list(texts))
         manifest = self.artifact.manifest
-        return self.artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, manifest.pad_id))[0]
+        return self.artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, manifest.pad_id,
+                                                                                         manifest.input_names))[0]
 
     def encode_response(self, probabilities):
         labels, ranked = self.artifact.labels, probabilities.argsort()[::-1][:5]

@@ -32,12 +32,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     artifact = contract.check(contract.version_folder(args.model_dir), intra_op_threads=1)
-    pad_id = artifact.manifest.pad_id
+    pad_id, names = artifact.manifest.pad_id, artifact.manifest.input_names
 
     @batch
     def infer(TEXT):  # noqa: N803 (the tensor's name)
         ids, _ = artifact.encoder.encode([row[0].decode() for row in TEXT])
-        return {"PROBABILITIES": artifact.session.run([contract.PROBABILITIES], contract.inputs(ids, pad_id))[0]}
+        feed = contract.inputs(ids, pad_id, names)
+        return {"PROBABILITIES": artifact.session.run([contract.PROBABILITIES], feed)[0]}
 
     config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_address="127.0.0.1",
                           grpc_port=args.port + 1, metrics_address="127.0.0.1", metrics_port=args.port + 2, log_verbose=0)
