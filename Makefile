@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact hf-models bench bench-tools loadtest docker-ci overload soak constraints clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact hf-models encoder-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -60,6 +60,15 @@ test-artifact: $(TEST_ARTIFACT)/manifest.json
 # without downloads, to try `python -m model_export import` on (the tests build their own: tests/hf_models.py).
 hf-models: $(VENV)/.all
 	$(PY) -m tests.hf_models artifacts/hf-models
+
+# The encoder the benchmark measures (`make bench MODEL_DIR=artifacts/encoder/bert-4x256`): a 4-layer, 256-wide BERT
+# with random weights and a WordPiece vocabulary trained on Banking77, imported as a user's checkpoint would be.
+ENCODER_ARTIFACT := artifacts/encoder/bert-4x256/1
+$(ENCODER_ARTIFACT)/manifest.json: $(VENV)/.all tests/hf_models.py model_export/hf_import.py contract.py
+	$(PY) -m tests.hf_models artifacts/hf-models bert-4x256
+	$(PY) -m model_export import artifacts/hf-models/bert-4x256 --out $(ENCODER_ARTIFACT) --force
+
+encoder-artifact: $(ENCODER_ARTIFACT)/manifest.json
 
 PYTEST_ARGS ?=
 test: $(VENV)/.all test-artifact bench-tools

@@ -43,7 +43,7 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.t
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-MULTI_LABEL_THRESHOLD = 0.5
+
 
 # Without --data, parity and batch invariance are measured on these: lengths from 1 to ~60 words, punctuation,
 # digits, capitals, accents and an emoji (the tokenizer's full path as well as the plain-ASCII one).
@@ -338,7 +338,7 @@ def build(folder: Folder, out: Path, name: str, version: str, dataset: Dataset |
         calibrated["reason"] = ("multi-label (sigmoid): temperature scaling is fitted on one softmax over exclusive "
                                 "classes; each label here is its own yes/no decision at per_label_threshold")
         thresholds = {"chosen_on": "default", "score": "per-label probability (sigmoid)",
-                      "per_label_threshold": MULTI_LABEL_THRESHOLD, "thresholds": []}
+                      "per_label_threshold": contract.MULTI_LABEL_THRESHOLD, "thresholds": []}
     if dataset is None:
         texts, calibrated["reason"] = SAMPLE, calibrated.get("reason", "no labelled data (--data)")
         fit = validation = None
@@ -364,7 +364,7 @@ def build(folder: Folder, out: Path, name: str, version: str, dataset: Dataset |
         ids = encoder.encode(texts)[0]
         export(source, ids[:3] if len(ids) >= 3 else ids + ids, staging / "model.onnx")
         checks, probabilities = verify(staging / "model.onnx", ids, torch_run(source, ids), source.pad_id,
-                                       source.names)
+                                       source.names, contract.ENCODER_PARITY_TOLERANCE)
         checks["sentences"] = "the test split of --data" if dataset is not None else "a built-in sample"
         metrics: dict = {}
         drift: dict = {}
@@ -425,7 +425,8 @@ def build(folder: Folder, out: Path, name: str, version: str, dataset: Dataset |
 
 def _metrics(probabilities: np.ndarray, targets: np.ndarray, labels: list[str], multi: bool) -> dict:
     """Test accuracy and macro-F1. Multi-label: each row's gold set is its one label; a row is right when the
-    labels at or above ``MULTI_LABEL_THRESHOLD`` are exactly that set; macro-F1 over the labels' yes/no decisions."""
+    labels at or above ``contract.MULTI_LABEL_THRESHOLD`` are exactly that set; macro-F1 over the labels' yes/no
+    decisions."""
     from sklearn.metrics import accuracy_score, f1_score
 
     from .report import test_metrics
@@ -434,10 +435,10 @@ def _metrics(probabilities: np.ndarray, targets: np.ndarray, labels: list[str], 
         return test_metrics(targets, probabilities.argmax(1), labels)[0]
     gold = np.zeros(probabilities.shape, dtype=bool)
     gold[np.arange(len(targets)), targets] = True
-    predicted = probabilities >= MULTI_LABEL_THRESHOLD
+    predicted = probabilities >= contract.MULTI_LABEL_THRESHOLD
     return {"accuracy": float(accuracy_score(gold, predicted)),
             "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
-            "test_rows": int(len(targets)), "threshold": MULTI_LABEL_THRESHOLD, "accuracy_is": "exact set match"}
+            "test_rows": int(len(targets)), "threshold": contract.MULTI_LABEL_THRESHOLD, "accuracy_is": "exact set match"}
 
 
 def _one_line(error: BaseException) -> str:

@@ -37,13 +37,18 @@ class ClassifyProtocol:
         top_k = min(call.view or self.default_top_k, len(labels))
         abstained = answer.abstained or [False] * len(answer.scores)
         predictions = []
-        for scores, truncated, no in zip(answer.scores, answer.truncated, abstained):
+        for index, (scores, truncated, no) in enumerate(zip(answer.scores, answer.truncated, abstained)):
             probabilities, ranked = scores.probabilities, scores.ranked
             best = ranked[0]
-            predictions.append({"label": None if no else labels[best], "score": probabilities[best],
-                                "probabilities": {labels[i]: probabilities[i] for i in ranked[:top_k]},
-                                "truncated": truncated, "abstained": no})
+            prediction = {"label": None if no else labels[best], "score": probabilities[best],
+                          "probabilities": {labels[i]: probabilities[i] for i in ranked[:top_k]},
+                          "truncated": truncated, "abstained": no}
+            if answer.multi_label:
+                prediction["labels"] = [labels[i] for i in answer.chosen(index)]
+            predictions.append(prediction)
         body = {"model": answer.model, "version": answer.version, "predictions": predictions}
+        if answer.multi_label:
+            body["multi_label"] = True
         return 200, orjson.dumps(body), JSON, None
 
     def error(self, error: ServiceError) -> Reply:

@@ -32,8 +32,9 @@ log = logging.getLogger("service.engine")
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One request's answer: every sentence's scores in input order, from one model version; ``abstained`` per
-    sentence when a threshold applied (its top score under it), else None."""
+    """One request's answer: every sentence's scores in input order, from one model version. ``threshold``: the
+    one that applied, if any; ``abstained`` per sentence (its top score under it), else None. A multi-label model
+    (sigmoid per class) claims every label at or above the threshold, and abstains when none reaches it."""
 
     model: str
     version: str
@@ -41,6 +42,13 @@ class Answer:
     scores: list[Scores]
     truncated: list[bool]
     abstained: list[bool] | None
+    threshold: float | None = None
+    multi_label: bool = False
+
+    def chosen(self, index: int) -> list[int]:
+        """A multi-label answer's labels for sentence ``index``: those at or above the threshold, most likely first."""
+        scores, threshold = self.scores[index], self.threshold
+        return [i for i in scores.ranked if scores.probabilities[i] >= threshold] if threshold is not None else []
 
 
 class Engine:
@@ -58,7 +66,9 @@ class Engine:
         # drift reference.
         self.thresholds = contract.selective_thresholds(self.manifest)
         self.default_min_score = (default_min_score if default_min_score is not None
-                                  else contract.open_set_threshold(self.manifest))
+                                  else contract.default_threshold(self.manifest))
+        self.multi_label = self.manifest.activation == "sigmoid"
+        self.kind = self.manifest.model_kind
         self.drift = DriftMonitor(self.manifest, drift_window, drift_alert_psi) if self.manifest.drift else None
         self.metrics: ModelMetrics | None = (metrics.for_model(name, self.version, runtime.provider,
                                                                lambda: self.queue_depth) if metrics else None)
@@ -105,7 +115,7 @@ class Engine:
             abstained = [top < threshold for top in tops]
             if self.metrics is not None and any(abstained):
                 self.metrics.abstain(sum(abstained))
-        return Answer(self.name, self.version, self.labels, scores, truncated, abstained)
+        return Answer(self.name, self.version, self.labels, scores, truncated, abstained, threshold, self.multi_label)
 
     def threshold(self, min_score: float | None, min_precision: float | None) -> float | None:
         """The abstention threshold a request asks for: its ``min_score``, else the score that reached
@@ -122,14 +132,14 @@ class Engine:
 
     def describe(self) -> dict:
         """This version in ``GET /v1/models``."""
-        return {"version": self.version, "state": "ready", "provider": self.provider,
-                "memory_bytes": self.memory_bytes, "queue_depth": self.queue_depth}
+        return {"version": self.version, "state": "ready", "provider": self.provider, "kind": self.kind,
+                "multi_label": self.multi_label, "memory_bytes": self.memory_bytes, "queue_depth": self.queue_depth}
 
     def summary(self) -> dict:
         """This version in ``GET /v1/model``: its manifest's summary, labels, files, provider and batching limits."""
         manifest = self.manifest.model_dump(mode="json")
-        keep = ("version", "created_at", "num_classes", "max_length", "vocab_size", "opset", "metrics", "dataset",
-                "verification", "versions")
+        keep = ("version", "created_at", "model_kind", "activation", "num_classes", "max_length", "vocab_size",
+                "opset", "metrics", "dataset", "verification", "versions")
         return {"model": {key: manifest[key] for key in keep if key in manifest} | {
                     "name": self.name, "labels": self.labels, "folder": self.folder,
                     "files": {name: entry["sha256"] for name, entry in manifest["files"].items()}},

@@ -157,6 +157,8 @@ class ModelMetadata(BaseModel):
     name: str
     versions: list[str] = Field(description="the versions served now")
     platform: str
+    parameters: dict[str, Any] = Field(description='{"multi_label": true} for a multi-label model (a sigmoid per '
+                                       "class)")
     inputs: list[Tensor]
     outputs: list[Tensor]
 
@@ -217,7 +219,7 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
         except ServiceError as failure:
             return v2_error(failure)
         versions = repository.served_versions(model_name) if model_version is None else [engine.version]
-        return v2_answer(metadata(engine.name, engine.labels, versions))
+        return v2_answer(metadata(engine.name, engine.labels, versions, engine.multi_label))
 
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
         try:

@@ -145,12 +145,17 @@ class Prediction(BaseModel):
                             "threshold, or SCS_MIN_SCORE): no class is claimed; probabilities are still listed")
     probabilities: dict[str, float] = Field(description="the top_k classes and their probabilities, most likely first")
     truncated: bool = Field(description="the text had more tokens than the model's max_length and was cut")
+    labels: list[str] | None = Field(None, description="a multi-label model only: every label whose probability is "
+                                     "at or above the threshold (min_score, else the model's, 0.5), most likely "
+                                     "first; `label` is the first of them and `abstained` means there is none")
 
 
 class ClassifyResponse(BaseModel):
     model: str = Field(description="the model that answered")
     version: str = Field(description="its version: every prediction of one answer comes from this one version")
     predictions: list[Prediction]
+    multi_label: bool | None = Field(None, description="true for a multi-label model (a sigmoid per class: the "
+                                     "probabilities do not sum to 1, and each prediction lists its `labels`)")
 
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
         "model": "banking77", "version": "1",

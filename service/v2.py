@@ -189,9 +189,12 @@ class InferResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
-def metadata(name: str, labels: list[str], versions: list[str]) -> dict:
-    """Model metadata as the protocol states it (``GET /v2/models/{name}``)."""
+def metadata(name: str, labels: list[str], versions: list[str], multi_label: bool = False) -> dict:
+    """Model metadata as the protocol states it (``GET /v2/models/{name}``); ``parameters`` says whether the model
+    is multi-label (PROBABILITIES then holds a sigmoid per class, and LABEL the most likely label at or above the
+    threshold)."""
     return {"name": name, "versions": versions, "platform": "onnxruntime_onnx",
+            "parameters": {"multi_label": multi_label},
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(labels)]},
                         {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]}

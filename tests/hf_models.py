@@ -30,8 +30,9 @@ INIT = 0.2
 
 # kind -> what it is: bert, distilbert, roberta and xlm-roberta single-label over the 77 Banking77 intents;
 # bert-multilabel a sigmoid (multi-label) BERT over 6 labels; bert-slow a BERT whose folder has only the slow
-# tokenizer's files (vocab.txt + tokenizer_config.json), no tokenizer.json.
-KINDS = ("bert", "distilbert", "roberta", "xlm-roberta", "bert-multilabel", "bert-slow")
+# tokenizer's files (vocab.txt + tokenizer_config.json), no tokenizer.json; bert-4x256 a wider BERT (4 layers, 256
+# wide, 128 positions) for the benchmark (`make encoder-artifact`), whose cost is an encoder's, not a toy's.
+KINDS = ("bert", "distilbert", "roberta", "xlm-roberta", "bert-multilabel", "bert-slow", "bert-4x256")
 MULTI_LABELS = ("card", "transfer", "top_up", "cash", "payment", "other")
 
 
@@ -98,6 +99,9 @@ def build(kind: str, folder: Path, seed: int = 0) -> Path:
         shape["problem_type"] = "multi_label_classification"
     narrow = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
               "initializer_range": INIT}
+    if kind == "bert-4x256":
+        narrow = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
+                  "initializer_range": 0.02}
     if kind.startswith("bert"):
         config = transformers.BertConfig(**shape, **narrow, max_position_embeddings=MAX_POSITIONS, pad_token_id=0)
         model_class, tokenizer_class, spec = (transformers.BertForSequenceClassification,
