@@ -24,7 +24,7 @@ import pytest
 
 import contract
 
-from loadtest.data import read_sentences
+from loadtest.data import metric as metric_sum, read_sentences, scrape
 from loadtest.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,16 +157,7 @@ def wait_for(condition, seconds: float = 30) -> bool:
 
 def read_metric(url: str, name: str, **labels: str) -> float:
     """Sum of the /metrics samples named ``name`` whose labels include these (0 when none)."""
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        found, _, rest = sample.partition("{")
-        if found != name:
-            continue
-        have = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if "=" in pair)
-        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
-            total += float(value)
-    return total
+    return metric_sum(scrape(url), name, **labels)
 
 
 @pytest.fixture
