@@ -34,6 +34,13 @@ TEST_CSV = ROOT / "data" / "banking77" / "test.csv"
 TEXT = "I still have not received my new card, I ordered over a week ago."
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need a virtualenv besides .venv (marked ``venv``) run last: `make test` makes those virtualenvs
+    in the background (tests/venvs.py) while the others run. (With pytest-xdist every worker collects and orders
+    the same way, and the scheduler hands tests out in this order.)"""
+    items.sort(key=lambda item: item.get_closest_marker("venv") is not None)
+
+
 def sentences() -> list[str]:
     """The 3,080 Banking77 test sentences."""
     return read_sentences(TEST_CSV)

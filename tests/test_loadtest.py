@@ -98,6 +98,7 @@ def test_a_complete_tiny_run_writes_bars_tables_plot_and_section(tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.venv
 def test_the_peers_run_in_their_own_virtualenvs_and_answer_like_the_model(tmp_path: Path) -> None:
     """--peers: LitServe and PyTriton, each in a virtualenv the harness makes, checked against a direct run."""
     result = bench("--configs", "on", "--peers", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
