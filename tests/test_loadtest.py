@@ -111,6 +111,7 @@ def test_the_peers_run_in_their_own_virtualenvs_and_answer_like_the_model(tmp_pa
     assert result.returncode in (0, 1) and not leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_partial_run_leaves_benchmarks_md_alone(tmp_path: Path) -> None:
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("untouched\n")
@@ -123,6 +124,7 @@ def test_a_partial_run_leaves_benchmarks_md_alone(tmp_path: Path) -> None:
     assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"]
 
 
+@pytest.mark.slow
 def test_a_point_disturbed_by_other_work_is_measured_again_and_marked(tmp_path: Path) -> None:
     hog = subprocess.Popen(["timeout", "60", "taskset", "-c", "0", sys.executable, "-c", "while True: pass"],
                            start_new_session=True)
@@ -139,6 +141,7 @@ def test_a_point_disturbed_by_other_work_is_measured_again_and_marked(tmp_path: 
     assert " †" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_stops_every_process_it_started(tmp_path: Path, sig: int) -> None:
     harness = subprocess.Popen(
@@ -264,6 +267,7 @@ def locust(url: str, tmp_path: Path, users: int, seconds: int, **env: str) -> tu
     return result, entries
 
 
+@pytest.mark.slow
 def test_a_short_locust_run_has_zero_failures(service, tmp_path: Path) -> None:
     result, entries = locust(service.url, tmp_path, users=16, seconds=4)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -275,6 +279,7 @@ def test_a_short_locust_run_has_zero_failures(service, tmp_path: Path) -> None:
     assert (tmp_path / "report.html").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_wrong_answers_count_as_locust_failures(service, tmp_path: Path) -> None:
     # Requests of up to 100 texts break the service's limit (64 by default): refused with 422, which the
     # user must record as failures, so the run exits non-zero.
@@ -299,6 +304,7 @@ def test_bad_locust_settings_are_one_line_errors(tmp_path: Path, env: dict, mess
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_locust_runs_as_the_compose_profile_runs_it(service, tmp_path: Path) -> None:
     """Only the locustfile and the CSV, laid out as in the image; every option from LOCUST_* variables."""
     app = tmp_path / "app"
