@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="64,256", help="HTTP client counts (default 64,256)")
     parser.add_argument("--batching", default=",".join(BATCHINGS), help="batching settings to compare")
     parser.add_argument("--workers", default="1,2,4,8", help="CPU worker counts to measure ('' for none)")
-    parser.add_argument("--quick", action="store_true", help="300 sentences, 1 s points, 8 clients: a rehearsal")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 sentences, 1 s points (or --seconds if shorter), 8 clients: a rehearsal")
     args = parser.parse_args(argv)
     try:
         args.version_dir = contract.version_folder(args.model_dir)
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except (contract.ArtifactError, ValueError) as error:
         parser.error(str(error))
     if args.quick:
-        texts, args.seconds, args.clients = texts[:300], 1.0, [8]
+        texts, args.seconds, args.clients = texts[:300], min(args.seconds, 1.0), [8]
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
