@@ -1,10 +1,10 @@
 """The harness's two load generators, each a separate process pinned to the load core, and why each.
 
 - Closed loop: ``wrk`` (C, one thread) with ``loadtest/wrk/classify.lua``, for every closed-loop figure the
-  benchmark compares. A closed-loop figure is only the server's if the generator outruns the server: one wrk thread
-  sent 32,000 requests/s to the raw constant app at about half of its core, several times what a Python client
-  (Locust, geventhttpclient) sends from one core, so the HTTP ceilings H_raw and H_fastapi are ceilings of the
-  servers, not of the generator.
+  benchmark compares. A closed-loop figure is only the server's if the generator outruns the server. Measured
+  against the raw constant app on the server core: one wrk thread sent 33,000 requests/s (4 clients) and 30,000
+  (64) on about half of its core, while the geventhttpclient client below topped out at 19,000 and 16,500 with
+  its core saturated; so with wrk the HTTP ceilings H_raw and H_fastapi are the servers', not the generator's.
 - Open loop: ``python -m loadtest.traffic`` (geventhttpclient): requests start on a fixed schedule whatever the
   latency, and each latency counts from the request's due time, so queueing shows (no coordinated omission);
   every request is recorded (status, Retry-After). wrk has no open loop (wrk2 is not packaged), and the rates an
