@@ -9,11 +9,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact hf-models encoder-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
+.PHONY: help venv install-serve install-all serve test test-fast test-venvs artifact test-artifact hf-models encoder-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
-	@echo "make test       install everything, build a small artifact, run every test"
+	@echo "make test       install everything, build a small artifact, run every test (~6 min on 2 cores)"
+	@echo "make test-fast  the fast lane: every test not marked slow (no second venv, no Docker, no load; ~2 min)"
 	@echo "make artifact   retrain the shipped Banking77 model into models/banking77/1"
 	@echo "make bench      the service beside its ceilings and baselines, side by side (~5 min); exits 1 on a failed bar"
 	@echo "make loadtest   headless Locust against a running service"
@@ -50,11 +51,13 @@ artifact: $(VENV)/.all
 # (seeds 0 and 1: different weights) for the repository tests.
 TEST_TRAIN = $(PY) -m model_export train $(DATA) --label-column category --name test-model --force \
 	--limit 1600 --epochs 4 --learning-rate 0.01 --embedding-dim 32 --hidden-size 32 --vocab-size 800 --threads 1 --no-progress
+# Two targets, so that `make -j2 test-artifact` (make test does) trains both at once: one thread each.
 $(TEST_ARTIFACT)/manifest.json: $(VENV)/.all $(wildcard model_export/*.py) contract.py
 	$(TEST_TRAIN) --out $(TEST_ARTIFACT) --seed 0
+$(dir $(TEST_ARTIFACT))2/manifest.json: $(VENV)/.all $(wildcard model_export/*.py) contract.py
 	$(TEST_TRAIN) --out $(dir $(TEST_ARTIFACT))2 --seed 1
 
-test-artifact: $(TEST_ARTIFACT)/manifest.json
+test-artifact: $(TEST_ARTIFACT)/manifest.json $(dir $(TEST_ARTIFACT))2/manifest.json
 
 # Tiny Hugging Face classifier folders (BERT, DistilBERT, RoBERTa, XLM-R, multi-label, slow tokenizer), built here
 # without downloads, to try `python -m model_export import` on (the tests build their own: tests/hf_models.py).
@@ -70,9 +73,30 @@ $(ENCODER_ARTIFACT)/manifest.json: $(VENV)/.all tests/hf_models.py model_export/
 
 encoder-artifact: $(ENCODER_ARTIFACT)/manifest.json
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; much of it waits on servers and subprocesses).
 PYTEST_ARGS ?=
-test: $(VENV)/.all test-artifact bench-tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+# Every test. The virtualenvs some tests need besides .venv (tests/venvs.py: the extras installed alone, the kserve
+# client, the peers) are made in the background from the start, while the test artifact trains and the other tests
+# run; the tests that use them run last and wait for any still being made.
+test: $(VENV)/.all bench-tools
+	@mkdir -p artifacts
+	@$(PY) tests/venvs.py >artifacts/test-venvs.log 2>&1 & venvs=$$!; \
+	trap 'kill $$venvs 2>/dev/null' INT TERM; \
+	$(MAKE) --no-print-directory -j2 test-artifact && $(PYTEST) $(PYTEST_ARGS); rc=$$?; \
+	wait $$venvs; echo "test virtualenvs (made beside the tests): $$(tail -1 artifacts/test-venvs.log)"; exit $$rc
+
+# The fast lane (README, "Development"): every test not marked slow, so none that needs a second virtualenv,
+# Docker or seconds of load; about two minutes.
+test-fast: $(VENV)/.all bench-tools
+	@$(MAKE) --no-print-directory -j2 test-artifact
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+# Make (or check) the test virtualenvs now, in the foreground.
+test-venvs: $(VENV)/.all
+	$(PY) tests/venvs.py
 
 # Load testing and benchmarks (README, "Load testing & benchmarks").
 LOADTEST_HOST ?= http://$(HOST):$(PORT)

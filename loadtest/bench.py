@@ -168,7 +168,7 @@ def measure(server: Server, config: Config, level: int, args, mode: str = "close
 
 def _measure_once(server: Server, config: Config, level: float, args, mode: str) -> dict:
     watched = args.server_core if args.pinned and not config.cores else None
-    samples = scrape(server.url) if config.service else {}
+    samples = scrape(server.url) if config.service else []
     threads = server.thread_cpu_seconds()
     cpu, core, started = server.cpu_seconds(), core_busy_seconds(watched), time.monotonic()
     bodies = args.bodies_paths[config.protocol]

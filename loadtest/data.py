@@ -10,11 +10,13 @@ import csv
 import json
 import math
 import random
-import re
 import struct
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 Body = tuple[int, bytes, int]  # (sentences in it, the body, the length of its JSON header: 0 for a JSON body)
 
@@ -92,22 +94,20 @@ def percentile(values: Sequence[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(share / 100 * len(ordered)) - 1))]
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$")
+def parse_metrics(text: str) -> list[Sample]:
+    """Every sample of a Prometheus text exposition (``/metrics``), parsed by ``prometheus_client``'s own parser:
+    each with its full name (``scs_requests_total``, ``..._bucket``), its labels (unescaped) and its value."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
-def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
-    """Every sample of ``url``/metrics, as ``name{labels}`` -> value."""
+def scrape(url: str, headers: dict[str, str] | None = None) -> list[Sample]:
+    """Every sample a service exports now (``url``/metrics, in the Prometheus text format)."""
     request = urllib.request.Request(f"{url}/metrics", headers=headers or {})
     with urllib.request.urlopen(request, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        found = _SAMPLE.match(line)
-        if found:
-            samples[found.group(1)] = float(found.group(2))
-    return samples
+        return parse_metrics(response.read().decode())
 
 
-def metric(samples: dict[str, float], name: str) -> float:
-    """The sum of ``name``'s samples over all label sets."""
-    return sum(value for key, value in samples.items() if key == name or key.startswith(name + "{"))
+def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples named exactly ``name`` whose labels include ``labels`` (0 when there are none)."""
+    return sum(sample.value for sample in samples
+               if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()))

@@ -1,8 +1,22 @@
-"""Load generators the harness drives, each a separate process pinned to the load core.
+"""The harness's two load generators, each a separate process pinned to the load core, and why each.
 
-- closed loop, ``wrk`` (C, one thread: several times what one Locust process sends from one core) with
-  ``loadtest/wrk/classify.lua``;
-- open loop, ``python -m loadtest.traffic`` (fixed arrival rate, latency from each request's due time).
+- Closed loop: ``wrk`` (C, one thread) with ``loadtest/wrk/classify.lua``, for every closed-loop figure the
+  benchmark compares. A closed-loop figure is only the server's if the generator outruns the server. Measured
+  against the raw constant app on the server core: one wrk thread sent 33,000 requests/s (4 clients) and 30,000
+  (64) on about half of its core, while the geventhttpclient client below topped out at 19,000 and 16,500 with
+  its core saturated; so with wrk the HTTP ceilings H_raw and H_fastapi are the servers', not the generator's.
+- Open loop: ``python -m loadtest.traffic`` (geventhttpclient): requests start on a fixed schedule whatever the
+  latency, and each latency counts from the request's due time, so queueing shows (no coordinated omission);
+  every request is recorded (status, Retry-After). wrk has no open loop (wrk2 is not packaged), and the rates an
+  open loop offers here are a fraction of a server's peak, well within one Python process (``lag_ms`` says when
+  it falls behind).
+
+The runs that check every request rather than measure a peak (soak's latency windows, overload's capacity and
+recovery, swap's answers against the model) drive the same ``loadtest.traffic`` client in process with a closed
+schedule (``Traffic.closed``), and the accelerator check runs it as ``--clients N`` where wrk is not installed;
+those are that generator's closed mode, not a third generator. ``loadtest.signals`` is a model of a Python caller
+(an httpx keep-alive pool and a fresh-connection prober), and Locust is the user-facing load test (``make
+loadtest``, the compose ``loadtest`` profile): neither produces the harness's figures.
 
 Each returns one row: requests/s, sentences/s, p50/p90/p99 in ms, errors, and ``load_cpu`` (the generator's
 CPU seconds per second it ran, start-up included: near 1.0 means the generator itself was the bottleneck).

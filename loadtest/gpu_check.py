@@ -107,18 +107,16 @@ def model_checks(args, texts: list[str]) -> dict:
 
 
 def http_point(url: str, path: str, bodies_path: Path, clients: int, seconds: float, cores: list[int]) -> dict:
-    """``clients`` closed-loop clients split over one ``loadtest.traffic`` process per load core."""
+    """``clients`` closed-loop clients split over one ``loadtest.traffic --clients`` process per load core (wrk,
+    the benchmark's closed loop, is a Debian package the GPU machine may not have)."""
     procs = max(1, len(cores))
-    code = ("import json, sys\nfrom loadtest.traffic import Traffic, summary\nfrom loadtest.data import read_bodies\n"
-            "t = Traffic(sys.argv[1], read_bodies(__import__('pathlib').Path(sys.argv[2])), int(sys.argv[3]), 30, "
-            "sys.argv[5])\nr = t.closed(int(sys.argv[3]), float(sys.argv[4]))\nprint(json.dumps(summary(r, "
-            "float(sys.argv[4]))))")
     children = []
     for index in range(procs):
         share = clients // procs + (1 if index < clients % procs else 0)
         pin = ["taskset", "-c", str(cores[index])] if cores else []
-        children.append(subprocess.Popen([*pin, sys.executable, "-c", code, url, str(bodies_path), str(share),
-                                          str(seconds), path], cwd=ROOT, stdout=subprocess.PIPE, text=True))
+        children.append(subprocess.Popen([*pin, sys.executable, "-m", "loadtest.traffic", "--url", url, "--clients",
+                                          str(share), "--seconds", f"{seconds:g}", "--bodies", str(bodies_path),
+                                          "--path", path], cwd=ROOT, stdout=subprocess.PIPE, text=True))
     rows = [json.loads(child.communicate(timeout=seconds + 120)[0].strip().splitlines()[-1]) for child in children]
     return {"clients": clients, "rps": sum(r["rps"] for r in rows), "sentences_per_s": sum(r["sentences_per_s"] for r in rows),
             "p99_ms": max(r["p99_ms"] for r in rows), "errors": sum(r["errors"] for r in rows)}
@@ -252,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="64,256", help="HTTP client counts (default 64,256)")
     parser.add_argument("--batching", default=",".join(BATCHINGS), help="batching settings to compare")
     parser.add_argument("--workers", default="1,2,4,8", help="CPU worker counts to measure ('' for none)")
-    parser.add_argument("--quick", action="store_true", help="300 sentences, 1 s points, 8 clients: a rehearsal")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 sentences, 1 s points (or --seconds if shorter), 8 clients: a rehearsal")
     args = parser.parse_args(argv)
     try:
         args.version_dir = contract.version_folder(args.model_dir)
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except (contract.ArtifactError, ValueError) as error:
         parser.error(str(error))
     if args.quick:
-        texts, args.seconds, args.clients = texts[:300], 1.0, [8]
+        texts, args.seconds, args.clients = texts[:300], min(args.seconds, 1.0), [8]
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

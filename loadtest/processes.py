@@ -158,8 +158,10 @@ def verdict(problems: list[str]) -> int:
 def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
     """Wait for a child that ends by itself: (exit code, its output, CPU seconds per second it was alive).
 
-    CPU time comes from the kernel's rusage of the reaped child, so it counts the load generator's own
-    work whatever it is (wrk, Locust); the wall time is from its start (``spawn``) to its exit.
+    CPU time comes from the kernel's rusage of the reaped child (``os.wait4``), so it counts the load generator's
+    own work whatever it is (wrk, Locust) up to its last instruction. This is the one CPU figure not read with
+    psutil: psutil reads a process while it lives, and a child that has exited can only be read through the
+    rusage its parent gets when reaping it. The wall time is from its start (``spawn``) to its exit.
     """
     deadline = time.monotonic() + timeout
     output = b""
@@ -223,7 +225,7 @@ class Server:
             return []
 
     def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and its children (user + system), from /proc."""
+        """CPU time used so far by the server and its children (user + system), from psutil."""
         try:
             return sum(sum(proc.cpu_times()[:2]) for proc in self._tree())
         except psutil.Error:
@@ -273,7 +275,8 @@ class Server:
 
 
 def core_busy_seconds(core: int | None) -> float | None:
-    """CPU seconds core ``core`` has spent busy since boot, whoever ran (from /proc/stat); None if unknown.
+    """CPU seconds core ``core`` has spent busy since boot, whoever ran (psutil's per-CPU times: everything but
+    idle and iowait); None if unknown.
 
     Minus the server's own CPU time over a point, it tells how much other work shared the server's core:
     this machine is shared, and a point measured beside someone else's job is not the server's figure.
@@ -281,14 +284,10 @@ def core_busy_seconds(core: int | None) -> float | None:
     if core is None:
         return None
     try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            fields = line.split()
-            if fields[0] == f"cpu{core}":
-                ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
-                return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        times = psutil.cpu_times(percpu=True)[core]
+    except (psutil.Error, OSError, IndexError):
+        return None
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def _tail(log: Path, lines: int = 5) -> str:

@@ -244,33 +244,67 @@ def _by_level(points, names, configs, levels, key, digits, meta) -> list[str]:
     return rows
 
 
+CONSTANT_APPS = ("fastapi", "raw")  # the HTTP ceilings: no model, an answer written once (tens of thousands of req/s)
+
+
 def plot(run: dict, path: Path) -> None:
-    """Requests/s and p99 latency against closed-loop concurrency, one line per configuration."""
+    """Requests/s and p99 latency against closed-loop concurrency, one line per configuration, one colour each.
+
+    The constant-answer apps (H_fastapi, H_raw) answer an order of magnitude faster than anything that runs the
+    model: on one linear axis with the servers they flatten every other line, so they get a throughput panel of
+    their own; the servers that run the model share the first panel, on a linear axis that starts at 0 so their
+    ratios read as they are. p99 latency of every configuration is on a log axis (it spans 0.1 ms to seconds).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
     points, names = run["points"], run["names"]
-    figure, (rate_axis, p99_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    for config in run["configs"]:
+    shown = [config for config in run["configs"] if closed(points, config)]
+    models = [config for config in shown if config not in CONSTANT_APPS]
+    ceilings_shown = [config for config in shown if config in CONSTANT_APPS]
+    colours = {config: f"C{index % 10}" for index, config in enumerate(shown)}
+    panels = 3 if models and ceilings_shown else 2
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
+    rate_axes = {"models": axes[0]} if models else {}
+    if ceilings_shown:
+        rate_axes["ceilings"] = axes[1] if models else axes[0]
+    p99_axis = axes[-1]
+
+    def draw(axis, config: str, key: str, floor: float = 0.0) -> None:
         mine = closed(points, config)
-        if not mine:
-            continue
-        levels = [p["load"] for p in mine]
-        rate_axis.plot(levels, [p["rps"] for p in mine], "o-", label=names[config])
-        p99_axis.plot(levels, [max(p["p99_ms"], 0.01) for p in mine], "o-", label=names[config])
-    for axis, title, label in ((rate_axis, "throughput", "requests/s"), (p99_axis, "p99 latency", "ms (log)")):
-        axis.set_title(title)
+        axis.plot([p["load"] for p in mine], [max(p[key], floor) for p in mine], "o-", color=colours[config],
+                  label=names[config])
+
+    for config in models:
+        draw(rate_axes["models"], config, "rps")
+    for config in ceilings_shown:
+        draw(rate_axes["ceilings"], config, "rps")
+    for config in shown:
+        draw(p99_axis, config, "p99_ms", 0.01)
+    titles = {"models": "throughput: configurations that run the model", "ceilings": "throughput: HTTP ceilings "
+              "(constant answer, no model)"}
+    for key, axis in rate_axes.items():
+        axis.set_title(titles[key], fontsize=10)
+        axis.set_ylabel("requests/s")
+        axis.set_ylim(bottom=0)
+    p99_axis.set_title("p99 latency, every configuration", fontsize=10)
+    p99_axis.set_ylabel("ms (log)")
+    p99_axis.set_yscale("log")
+    p99_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    levels = sorted({p["load"] for config in shown for p in closed(points, config)})
+    for axis in axes:
         axis.set_xlabel("concurrent clients (closed loop, log)")
         axis.set_xscale("log", base=2)
-        axis.set_ylabel(label)
+        axis.set_xticks(levels)
+        axis.xaxis.set_major_formatter(ScalarFormatter())
         axis.grid(True, which="both", alpha=0.3)
-    p99_axis.set_yscale("log")
-    handles, labels = rate_axis.get_legend_handles_labels()
+    handles, labels = p99_axis.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     figure.suptitle(f"{run['meta']['cpu']}: server on one core, load on another", fontsize=9)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

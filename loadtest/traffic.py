@@ -11,6 +11,8 @@ process, pinned to the load core:
 
 which prints one JSON object: offered and answered rates, p50/p90/p99 of the answered requests, errors by
 kind, ``lag_ms`` (how late the generator itself started requests) and ``load_cpu`` (its CPU seconds per second).
+With ``--clients N`` instead of ``--rate`` it runs a closed loop of N clients: the accelerator check's load, on a
+machine where wrk (the harness's closed-loop generator, ``generators.py``) is not installed.
 """
 
 from __future__ import annotations
@@ -146,24 +148,42 @@ def open_loop(url: str, bodies: Sequence[Body], rate: float, seconds: float, con
             "load_cpu": (time.process_time() - cpu) / elapsed}
 
 
+def closed_loop(url: str, bodies: Sequence[Body], clients: int, seconds: float, path: str = "/classify") -> dict:
+    """``clients`` closed-loop clients for ``seconds``: answered rates, latency, errors by kind, ``load_cpu``."""
+    traffic = Traffic(url, bodies, clients, 30.0, path)
+    cpu, start = time.process_time(), time.perf_counter()
+    records = traffic.closed(clients, seconds)
+    traffic.close()
+    elapsed = time.perf_counter() - start
+    return {"clients": clients, **summary(records, elapsed), "load_cpu": (time.process_time() - cpu) / elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m loadtest.traffic", description="open-loop load at a fixed rate")
+    parser = Parser(prog="python -m loadtest.traffic", description="open-loop load at a fixed rate (or, with "
+                    "--clients, a closed loop where wrk cannot run)")
     parser.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--rate", type=float, required=True, help="requests per second to start")
+    rate = parser.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--rate", type=float, help="requests per second to start")
+    rate.add_argument("--clients", type=int, help="instead of --rate: this many closed-loop clients")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long to keep starting requests")
     parser.add_argument("--bodies", type=Path, required=True, help="request file: '<sentences>\\t<JSON>' per line")
     parser.add_argument("--connections", type=int, default=512, help="most requests in flight at once")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to wait for answers after the last start")
     parser.add_argument("--path", default="/classify", help="the route requests go to")
     args = parser.parse_args(argv)
-    if args.rate <= 0 or args.seconds <= 0 or args.connections < 1 or args.grace < 0:
-        parser.error("--rate and --seconds must be > 0, --connections >= 1, --grace >= 0")
+    if (args.rate if args.clients is None else args.clients) <= 0 or args.seconds <= 0 or args.connections < 1 \
+            or args.grace < 0:
+        parser.error("--rate (or --clients) and --seconds must be > 0, --connections >= 1, --grace >= 0")
     try:
         bodies = read_bodies(args.bodies)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.grace, args.path)))
+    if args.clients is not None:
+        print(json.dumps(closed_loop(args.url, bodies, args.clients, args.seconds, args.path)))
+    else:
+        print(json.dumps(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.grace,
+                                   args.path)))
     return 0
 
 

@@ -136,7 +136,7 @@ def _config_and_data(args):
 
 def _check_out(args) -> None:
     """``--out`` is writable, empty (or ``--force``) and an integer version folder."""
-    from .pipeline import check_output_folder
+    from .folders import check_output_folder
 
     check_output_folder(args.out, args.force)
     if not args.out.name.isdigit():
@@ -145,8 +145,6 @@ def _check_out(args) -> None:
 
 
 def command_train(args) -> None:
-    from .pipeline import build_artifact
-
     _check_out(args)
     from .openset import separate
 
@@ -159,6 +157,8 @@ def command_train(args) -> None:
     if oos is not None:
         info |= {"oos_label": oos.label, "held_out_classes": oos.held_out_classes,
                  "oos_rows": {"train": len(oos.train_texts), "test": len(oos.test_texts)}}
+    from .pipeline import build_artifact  # torch: only once the arguments and the data passed their checks
+
     build_artifact(dataset, config, args.out, name, args.out.name, info, progress=not args.no_progress, oos=oos)
 
 
@@ -174,7 +174,7 @@ def _licence(data: Path) -> str:
 
 
 def command_tune(args) -> None:
-    from .pipeline import build_artifact, check_output_folder, test_scores
+    from .folders import check_output_folder
     from .tune import Search, load_space, parse_budget, record, write_results
 
     budget = parse_budget(args.budget)
@@ -191,6 +191,8 @@ def command_tune(args) -> None:
     limit = f" --limit {args.limit}" if args.limit is not None else ""  # the same rows: --limit is not a hyperparameter
     if args.out is None:
         check_output_folder(results, args.force)
+    from .pipeline import build_artifact, test_scores  # torch: only once the arguments and the data passed
+
     search = Search(dataset, config, space, budget, args.trials)
     winner = search.run()
     fitted = search.prepared(winner.config).fitted(winner.run.result())
@@ -231,13 +233,13 @@ def command_seeds(args) -> None:
     import statistics
     import time
 
-    from .pipeline import fit_model, test_scores
-
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     config, dataset = _config_and_data(args)
+    from .pipeline import fit_model, test_scores  # torch: only once the arguments and the data passed their checks
+
     accuracies = []
     for seed in seeds:
         config.seed = seed
@@ -252,16 +254,16 @@ def command_seeds(args) -> None:
 
 
 def command_evaluate(args) -> None:
-    import numpy as np
-
-    from .export import onnx_predict
-    from .report import test_metrics
-
     artifact = _artifact(args.artifact)
     test = _load(args).test
     unknown = sorted(set(test.labels) - set(artifact.labels))
     if unknown:
         raise UserError(f"test labels not known to the model: {', '.join(unknown[:5])}")
+    import numpy as np
+
+    from .export import onnx_predict  # torch: only once the artifact and the data passed their checks
+    from .report import test_metrics
+
     manifest = artifact.manifest
     sequences = _encode(artifact, test.texts)
     predictions = onnx_predict(artifact.session, sequences, manifest.pad_id, names=manifest.input_names).argmax(1)
@@ -273,9 +275,6 @@ def command_evaluate(args) -> None:
 
 
 def _encode(artifact, texts: list[str]) -> list[list[int]]:
-    import contract
-
-    manifest = artifact.manifest
     return artifact.encoder.encode(texts)[0]
 
 

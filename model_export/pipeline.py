@@ -25,7 +25,6 @@ import contract
 from . import calibration, openset
 from .config import TrainConfig
 from .data import Dataset, Split, stratified_split
-from .errors import UserError
 from .export import export_onnx, verify
 from .report import (plot_confusion_matrix, plot_coverage, plot_open_set, plot_reliability, plot_training_curve,
                      test_metrics)
@@ -316,15 +315,3 @@ def staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-
-def check_output_folder(out: Path, force: bool) -> None:
-    """Refuse, before any training, an ``--out`` that exists (without ``--force``) or cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out}: already exists and is not empty (pass --force to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Path(tempfile.mkdtemp(prefix=".probe-", dir=out.parent)).rmdir()
-    except OSError as error:
-        raise UserError(f"--out {out}: cannot write there ({error.strerror or error})") from None

@@ -31,15 +31,17 @@ import re
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import contract
 
 from .config import TrainConfig, load_config, read_mapping
 from .data import Dataset
 from .errors import UserError
-from .pipeline import Prepared, prepare
-from .train import Training
+
+if TYPE_CHECKING:  # torch: imported when a search starts, not while its arguments are checked
+    from .pipeline import Prepared
+    from .train import Training
 
 ETA = 3
 ALPHA = 0.05  # the sign test's level, shared by all the complete trials compared with the default
@@ -193,6 +195,8 @@ class Search:
     def prepared(self, config: TrainConfig) -> Prepared:
         key = (config.vocab_size, config.max_length)
         if key not in self._prepared:
+            from .pipeline import prepare
+
             self._prepared[key] = prepare(self.dataset, config)
         return self._prepared[key]
 

@@ -24,7 +24,7 @@ import pytest
 
 import contract
 
-from loadtest.data import read_sentences
+from loadtest.data import metric as metric_sum, read_sentences, scrape
 from loadtest.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,13 @@ TEST_ARTIFACT = ROOT / "artifacts" / "test-model" / "1"
 SHIPPED = ROOT / "models" / "banking77" / "1"
 TEST_CSV = ROOT / "data" / "banking77" / "test.csv"
 TEXT = "I still have not received my new card, I ordered over a week ago."
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need a virtualenv besides .venv (marked ``venv``) run last: `make test` makes those virtualenvs
+    in the background (tests/venvs.py) while the others run. (With pytest-xdist every worker collects and orders
+    the same way, and the scheduler hands tests out in this order.)"""
+    items.sort(key=lambda item: item.get_closest_marker("venv") is not None)
 
 
 def sentences() -> list[str]:
@@ -193,16 +200,7 @@ def wait_for(condition, seconds: float = 30) -> bool:
 
 def read_metric(url: str, name: str, **labels: str) -> float:
     """Sum of the /metrics samples named ``name`` whose labels include these (0 when none)."""
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        found, _, rest = sample.partition("{")
-        if found != name:
-            continue
-        have = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if "=" in pair)
-        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
-            total += float(value)
-    return total
+    return metric_sum(scrape(url), name, **labels)
 
 
 @pytest.fixture

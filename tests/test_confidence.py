@@ -87,6 +87,7 @@ def test_the_artifact_is_calibrated_on_validation_and_records_it():
         assert (TEST_ARTIFACT / picture).stat().st_size > 10_000, picture
 
 
+@pytest.mark.slow
 def test_calibration_can_be_turned_off(tmp_path):
     out = tmp_path / "m" / "1"
     result = run_cli("model_export", "train", "data/banking77", "--label-column", "category", "--limit", "800",
@@ -183,6 +184,7 @@ def test_the_out_of_scope_threshold_is_the_lowest_that_reaches_the_recall():
         "in_scope_accuracy": 0.5, "in_scope_coverage": 0.5, "oos_recall": 0.8}
 
 
+@pytest.mark.slow
 def test_open_set_protocol_holds_classes_out_and_the_service_abstains_by_default(tmp_path, service_factory):
     out = tmp_path / "m" / "1"
     result = run_cli("model_export", "train", "data/banking77", "--label-column", "category", "--limit", "1600",
@@ -239,6 +241,7 @@ def drift(svc, model: str) -> dict:
     return response.json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["test-artifact", "shipped"])
 def test_drift_stays_quiet_on_test_traffic_and_alerts_on_another_domain(service_factory, test_artifact, which):
     folder, model = (test_artifact, "test-model") if which == "test-artifact" else (SHIPPED, "banking77")

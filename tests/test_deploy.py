@@ -17,6 +17,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
 
@@ -237,9 +238,9 @@ MONITORING = ROOT / "deploy" / "monitoring"
 
 
 def exported_families(url: str) -> set[str]:
-    """Metric family names a running service exports (from its HELP lines: present before any sample is)."""
+    """Metric family names a running service exports (every family it declares, with or without samples yet)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {family(line.split()[2]) for line in text.splitlines() if line.startswith("# HELP ")}
+    return {family(found.name) for found in text_string_to_metric_families(text)}
 
 
 def family(series: str) -> str:

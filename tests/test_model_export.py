@@ -175,6 +175,7 @@ def assert_contract(folder: Path) -> dict:
     return manifest.model_dump()
 
 
+@pytest.mark.slow
 def test_tiny_training_run_writes_a_valid_artifact(tmp_path):
     rows = toy_rows(per_class=30)
     write(tmp_path / "toy.csv", "text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
@@ -241,6 +242,7 @@ def test_bad_config_file_is_one_line(tmp_path, config, says):
     assert_one_line_error(result, says)
 
 
+@pytest.mark.slow
 def test_shipped_model_keeps_its_recorded_accuracy():
     """The manifest is the shipped model's record: its own hash is pinned in models/SHA256SUMS, and the accuracy it
     states is recomputed here from the model and the test split."""
@@ -262,6 +264,7 @@ def test_shipped_model_keeps_its_recorded_accuracy():
     assert summary["macro_f1"] == round(manifest["metrics"]["macro_f1"], 4)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_manifest_accuracy():
     manifest = json.loads((TEST_ARTIFACT / "manifest.json").read_text())
     result = cli("evaluate", str(TEST_ARTIFACT), "data/banking77", "--label-column", "category")
@@ -283,6 +286,7 @@ def test_bench_prints_the_throughput_table():
     assert all(int(r.split("|")[5].replace(",", "")) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_seeds_reports_each_seed_and_the_mean():
     result = cli("seeds", "data/banking77", "--label-column", "category", "--seeds", "3,4", "--limit", "800",
                  "--epochs", "1", "--embedding-dim", "16", "--hidden-size", "16", "--threads", "1", "--no-progress")

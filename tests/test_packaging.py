@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import venvs
 from conftest import ROOT
 from loadtest.peers import PEERS
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 PROJECT = PYPROJECT["project"]["name"]
-OURS = {"contract", "service", "model_export", "loadtest", "conftest", "hf_models"}
+OURS = {"contract", "service", "model_export", "loadtest", "conftest", "hf_models", "venvs"}
 # The code each extra must be enough for.
 USES = {"serve": ["contract.py", "service"], "export": ["contract.py", "model_export"], "load": ["loadtest"],
         "locust": ["loadtest/locustfile.py"], "dev": ["tests", "scripts"]}
@@ -94,44 +94,27 @@ def test_every_dependency_is_pinned_in_constraints():
         assert "-c constraints.txt" in (ROOT / target).read_text().replace("/build/", ""), target
 
 
-CLEAN_EXTRAS = ("serve", "load", "export")
-
-
-def install_clean_venv(extra: str, folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """A fresh virtualenv holding only ``pip install '.[extra]'`` of a copy of the project."""
-    venv, source = folder / "venv", folder / "source"  # a copy: setuptools writes build/ into what it builds
-    source.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md", "contract.py", "service", "model_export", "loadtest"):
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              "-c", str(ROOT / "constraints.txt"), f"{source}[{extra}]"],
-                             capture_output=True, text=True, timeout=900)
-    return python, install
-
-
 @pytest.fixture(scope="module")
-def clean_venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """The three extras' virtualenvs, installed side by side (pip mostly waits on the network and the disk)."""
-    root = tmp_path_factory.mktemp("clean-venvs")
-    with ThreadPoolExecutor(len(CLEAN_EXTRAS)) as pool:
-        made = pool.map(lambda extra: install_clean_venv(extra, root / extra), CLEAN_EXTRAS)
-        return dict(zip(CLEAN_EXTRAS, made))
+def clean_venvs() -> dict[str, venvs.Made]:
+    """The three extras' clean virtualenvs (tests/venvs.py: made side by side, or by `make test` before the tests
+    started, and reused while the project's code, pyproject.toml and constraints.txt are unchanged)."""
+    with ThreadPoolExecutor(len(venvs.EXTRAS)) as pool:
+        return dict(zip(venvs.EXTRAS, pool.map(venvs.ensure, venvs.EXTRAS)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", CLEAN_EXTRAS)
+@pytest.mark.venv
+@pytest.mark.parametrize("extra", venvs.EXTRAS)
 def test_each_package_imports_from_a_clean_venv_of_its_extra(extra, clean_venvs, tmp_path):
     """What `pip install '.[extra]'` gives a new user is enough to import every module that extra is for."""
-    python, install = clean_venvs[extra]
-    assert install.returncode == 0, install.stderr[-3000:]
+    made = clean_venvs[extra]
+    assert made.returncode == 0, made.stderr[-3000:]
     modules = []
     for path in sources(USES[extra]):
         relative = path.relative_to(ROOT).with_suffix("")
         if relative.name != "locustfile":  # Locust monkey-patches at import; the locust extra's test imports it
             modules.append(".".join(relative.parts).removesuffix(".__init__"))
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
-    result = subprocess.run([str(python), "-c", code, *modules], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([str(made.python), "-c", code, *modules], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -14,20 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+
+from loadtest.data import scrape
 
 API_KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def requests_by_status(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r'scs_requests_total\{.*status="(\d+)"\} (\S+)', line)
-        if match:
-            totals[match[1]] = totals.get(match[1], 0) + float(match[2])
+    for sample in scrape(url, AUTH):
+        if sample.name == "scs_requests_total":
+            totals[sample.labels["status"]] = totals.get(sample.labels["status"], 0) + sample.value
     return totals
 
 

@@ -10,7 +10,6 @@ import json
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+import venvs
 from conftest import TEST_ARTIFACT, TEXT, alone, sentences, start_service
 
 MODEL = "test-model"
@@ -247,15 +247,12 @@ def test_a_timeout_in_microseconds_is_honoured(service_factory, test_artifact):
 
 
 @pytest.fixture(scope="module")
-def kserve_python(tmp_path_factory) -> Path:
-    """A virtualenv with the kserve package (its own pins: psutil<6 clashes with the project's)."""
-    venv = tmp_path_factory.mktemp("kserve") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              "kserve==0.21.0"], capture_output=True, text=True, timeout=900)
-    assert install.returncode == 0, install.stderr[-3000:]
-    return python
+def kserve_python() -> Path:
+    """A virtualenv with the kserve package (its own pins: psutil<6 clashes with the project's), from
+    tests/venvs.py: made once, or by `make test` while the tests before this one ran."""
+    made = venvs.ensure("kserve")
+    assert made.returncode == 0, made.stderr[-3000:]
+    return made.python
 
 
 KSERVE_CLIENT = """
@@ -282,6 +279,7 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
 
 
 @pytest.mark.slow
+@pytest.mark.venv
 def test_the_kserve_rest_client_works_unmodified(v2, kserve_python):
     result = subprocess.run([str(kserve_python), "-c", KSERVE_CLIENT, v2.url, json.dumps(TEXTS)],
                             capture_output=True, text=True, timeout=120)

@@ -46,6 +46,7 @@ def tuned(tmp_path_factory) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_tiny_search_exports_a_valid_artifact_with_its_results(tuned: Path):
     folder = tuned / "a" / "tiny" / "1"
     artifact = contract.check(folder)  # the same contract, parity and invariance checks as train
@@ -76,6 +77,7 @@ def test_a_tiny_search_exports_a_valid_artifact_with_its_results(tuned: Path):
     assert (folder / "tune_scores.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_search(tuned: Path, tmp_path: Path):
     again = tune(tmp_path, "b")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -91,6 +93,7 @@ def test_the_same_seed_gives_the_same_search(tuned: Path, tmp_path: Path):
         [r["batch_size"] for r in rows(tmp_path / "c" / "tiny" / "1")] != [r["batch_size"] for r in first]
 
 
+@pytest.mark.slow
 def test_train_with_the_chosen_config_retrains_the_winner(tuned: Path, tmp_path: Path):
     """The winner was trained paused and resumed among other trials; train --config gives the same weights."""
     folder = tuned / "a" / "tiny" / "1"
@@ -100,6 +103,7 @@ def test_train_with_the_chosen_config_retrains_the_winner(tuned: Path, tmp_path:
     assert contract.sha256(tmp_path / "t" / "1" / "model.onnx") == contract.sha256(folder / "model.onnx")
 
 
+@pytest.mark.slow
 def test_without_out_the_results_go_to_their_folder(tmp_path: Path):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"dropout": [0.1]}))
@@ -132,6 +136,7 @@ def test_a_bad_budget_is_one_line(budget: str, says: str):
     assert_one_line_error(cli("tune", *DATA, "--budget", budget), says)
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_one_trial_is_one_line(tmp_path: Path):
     result = cli("tune", *DATA, "--budget", "1s",
                  "--results", str(tmp_path / "r"))

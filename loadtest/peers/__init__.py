@@ -10,6 +10,7 @@ Their venvs live in ``artifacts/peers/`` and are made again when their requireme
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import subprocess
 import sys
@@ -47,18 +48,22 @@ PEERS = {
 
 
 def python_for(peer: Peer, say=print) -> Path:
-    """The peer's virtualenv interpreter, made (or remade, when its requirements changed) first."""
+    """The peer's virtualenv interpreter, made (or remade, when its requirements changed) first. Made under a lock
+    file, so two processes that need it at once (a run and tests/venvs.py) make it once."""
     venv = ROOT / "artifacts" / "peers" / peer.name
     stamp = venv / ".requirements"
     wanted = hashlib.sha256("\n".join(peer.requirements).encode()).hexdigest()
     python = venv / "bin" / "python"
-    if stamp.is_file() and stamp.read_text() == wanted and python.is_file():
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with (venv.parent / f"{peer.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == wanted and python.is_file():
+            return python
+        say(f"{peer.name}: making its virtualenv in {venv.relative_to(ROOT)} ({', '.join(peer.requirements)})")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                               "--no-compile", *peer.requirements], capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"{peer.name}: pip install failed: {done.stderr.strip()[-400:]}")
+        stamp.write_text(wanted)
         return python
-    say(f"{peer.name}: making its virtualenv in {venv.relative_to(ROOT)} ({', '.join(peer.requirements)})")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           *peer.requirements], capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"{peer.name}: pip install failed: {done.stderr.strip()[-400:]}")
-    stamp.write_text(wanted)
-    return python
