@@ -143,6 +143,26 @@ def build(kind: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def transformers_probabilities(folder: Path, texts: list[str], max_length: int, sigmoid: bool):
+    """The reference: transformers' tokenizer and model (eval mode, torch), softmax or sigmoid of the logits."""
+    import numpy as np
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 50):
+            batch = tokenizer.pad({key: value[start:start + 50] for key, value in encoded.items()},
+                                  return_tensors="pt")
+            logits = model(**batch).logits
+            rows.append((torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)).numpy())
+    return encoded["input_ids"], np.concatenate(rows)
+
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print(f"usage: python -m tests.hf_models OUT_DIR [{' | '.join(KINDS)} ...]", file=sys.stderr)

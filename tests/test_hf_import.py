@@ -11,33 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import alone, assert_one_line_error, edit_manifest, run_cli, sentences
+from hf_models import transformers_probabilities
 
 import contract
-from conftest import alone, assert_one_line_error, edit_manifest, run_cli, sentences
 from model_export.export import onnx_predict
 
 SINGLE = ["bert", "distilbert", "roberta", "xlm-roberta"]
 INPUTS = {"bert": ("input_ids", "attention_mask", "token_type_ids"), "distilbert": ("input_ids", "attention_mask"),
           "roberta": ("input_ids", "attention_mask"), "xlm-roberta": ("input_ids", "attention_mask"),
           "bert-multilabel": ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def transformers_probabilities(folder: Path, texts: list[str], max_length: int, sigmoid: bool):
-    """The reference: transformers' tokenizer and model (eval mode, torch), softmax or sigmoid of the logits."""
-    import torch
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 50):
-            batch = tokenizer.pad({key: value[start:start + 50] for key, value in encoded.items()},
-                                  return_tensors="pt")
-            logits = model(**batch).logits
-            rows.append((torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)).numpy())
-    return encoded["input_ids"], np.concatenate(rows)
 
 
 @pytest.mark.parametrize("kind", [*SINGLE, "bert-multilabel"])
@@ -165,6 +148,7 @@ def test_labelled_data_gives_scores_calibration_thresholds_and_drift(hf_folder, 
 
 def test_multi_label_data_keeps_the_default_threshold_and_no_temperature(hf_folder, tmp_path):
     from hf_models import MULTI_LABELS
+
     from model_export.cli import main
 
     data = _labelled(tmp_path / "data.csv", list(MULTI_LABELS), 20)

@@ -8,15 +8,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from conftest import ServiceProcess, alone, sentences, start_service
+from hf_models import transformers_probabilities
 
 import contract
-from conftest import ServiceProcess, alone, sentences, start_service
-from test_hf_import import transformers_probabilities
 
 KINDS = ("bert", "roberta", "bert-multilabel")
 
