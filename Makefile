@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
+.PHONY: help venv install-serve install-all serve test artifact test-artifact bench bench-tools loadtest docker-ci overload soak constraints clean grpc-descriptors
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -101,6 +101,20 @@ overload: $(VENV)/.all
 
 soak: $(VENV)/.all
 	$(PY) -m loadtest.soak --model-dir $(MODEL_DIR) --seconds $(SOAK_SECONDS)
+
+# The gRPC messages: service/protos/descriptors.binpb compiled from the .proto files beside it by grpcio-tools, in a
+# virtualenv of its own (its protobuf 7 clashes with the protobuf 6 tritonclient[grpc] holds the project to; the
+# descriptors are plain data, read by any protobuf). tests/test_service_grpc.py checks the committed file is current.
+GRPC_TOOLS := grpcio-tools==1.85.1
+GRPC_TOOLS_VENV ?= artifacts/grpc-tools
+GRPC_DESCRIPTORS ?= service/protos/descriptors.binpb
+$(GRPC_TOOLS_VENV)/bin/python:
+	$(PYTHON) -m venv $(GRPC_TOOLS_VENV)
+	$(GRPC_TOOLS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(GRPC_TOOLS)
+
+grpc-descriptors: $(GRPC_TOOLS_VENV)/bin/python
+	$(GRPC_TOOLS_VENV)/bin/python -m grpc_tools.protoc -Iservice/protos \
+		--descriptor_set_out=$(GRPC_DESCRIPTORS) open_inference.proto health.proto
 
 constraints: $(VENV)/.all
 	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new

@@ -9,10 +9,7 @@ import asyncio
 import json
 import socket
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,7 +18,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from conftest import TEST_ARTIFACT, TEXT, alone, sentences, start_service
+from conftest import TEST_ARTIFACT, TEXT, alone, kserve_client, sentences, start_service
 
 MODEL = "test-model"
 TEXTS = [TEXT, "How do I top up by card?", "my card was stolen 💳"]
@@ -246,18 +243,6 @@ def test_a_timeout_in_microseconds_is_honoured(service_factory, test_artifact):
     assert response.status_code == 504 and "not answered within" in response.json()["error"]
 
 
-@pytest.fixture(scope="module")
-def kserve_python(tmp_path_factory) -> Path:
-    """A virtualenv with the kserve package (its own pins: psutil<6 clashes with the project's)."""
-    venv = tmp_path_factory.mktemp("kserve") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              "kserve==0.21.0"], capture_output=True, text=True, timeout=900)
-    assert install.returncode == 0, install.stderr[-3000:]
-    return python
-
-
 KSERVE_CLIENT = """
 import asyncio, json, sys
 import numpy as np
@@ -283,11 +268,7 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
 
 @pytest.mark.slow
 def test_the_kserve_rest_client_works_unmodified(v2, kserve_python):
-    result = subprocess.run([str(kserve_python), "-c", KSERVE_CLIENT, v2.url, json.dumps(TEXTS)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen["live"] is True and seen["ready"] is True and seen["model_ready"] is True
+    seen = kserve_client(kserve_python, KSERVE_CLIENT, v2.url, TEXTS)
     answer = classify(v2, TEXTS)
     labels = json.loads((TEST_ARTIFACT.parent / "2" / "labels.json").read_text())
     for kind in ("json", "binary"):
