@@ -70,11 +70,14 @@ $(VENV)/.load: pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet -c constraints.txt -e '.[locust]'
 	touch $@
 
-# wrk (a Debian package) is the harness's closed-loop generator; the tests that drive it fail without it.
+# wrk and h2load (Debian packages wrk and nghttp2-client) are the harness's closed-loop generators, HTTP/1.1 and gRPC;
+# the tests that drive them fail without them.
 bench-tools:
-	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
-		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; }; } \
-		|| { echo "error: wrk is not installed and cannot be installed here (needs apt-get as root): install it"; exit 1; }
+	@for tool in wrk:wrk h2load:nghttp2-client; do command=$${tool%%:*}; package=$${tool#*:}; \
+		command -v $$command >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq $$package >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$package; }; }; } \
+		|| { echo "error: $$command is not installed and cannot be installed here (needs apt-get as root): install $$package"; exit 1; }; \
+	done
 
 # Starts every configuration itself on 127.0.0.1 (servers on core 0, load on core 1); about 5 minutes.
 bench: $(VENV)/.all bench-tools
