@@ -157,7 +157,7 @@ def test_latency_exemplars_carry_the_trace_id(test_artifact: Path, service_facto
     scrape = httpx.get(f"{service.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert scrape.headers["content-type"].startswith("application/openmetrics-text")
     assert scrape.text.rstrip().endswith("# EOF")
-    found = re.findall(r'^scs_request_duration_seconds_bucket\{protocol="http",endpoint="/classify".*'
+    found = re.findall(r'^scs_request_duration_seconds_bucket\{(?=[^}]*protocol="http")[^}]*endpoint="/classify".*'
                        r'# \{trace_id="([0-9a-f]{32})"\}',
                        scrape.text, re.MULTILINE)
     assert found == [header.split("-")[1]]
