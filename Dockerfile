@@ -80,8 +80,9 @@ ENV HOME=/tmp \
     PYTHONPATH=/app \
     SCS_HOST=0.0.0.0 \
     SCS_PORT=8000 \
+    SCS_GRPC_PORT=8001 \
     SCS_MODEL_DIR=/app/models/banking77
-EXPOSE 8000
+EXPOSE 8000 8001
 # SIGTERM drains: /readyz turns 503, queued and running work completes, then the process exits.
 # Give it time to (docker stop -t / compose stop_grace_period / Kubernetes terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_ARTIFACT := artifacts/test-model/1
 
-.PHONY: help venv install-serve install-all serve test test-fast test-venvs artifact test-artifact hf-models encoder-artifact bench bench-tools loadtest docker-ci overload soak constraints clean
+.PHONY: help venv install-serve install-all serve test test-fast test-venvs artifact test-artifact hf-models encoder-artifact bench bench-tools loadtest docker-ci overload soak constraints clean grpc-descriptors
 
 help:
 	@echo "make serve      serve $(MODEL_DIR) on http://$(HOST):$(PORT)"
@@ -108,11 +108,14 @@ $(VENV)/.load: pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet -c constraints.txt -e '.[locust]'
 	touch $@
 
-# wrk (a Debian package) is the harness's closed-loop generator; the tests that drive it fail without it.
+# wrk and h2load (Debian packages wrk and nghttp2-client) are the harness's closed-loop generators, HTTP/1.1 and gRPC;
+# the tests that drive them fail without them.
 bench-tools:
-	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
-		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; }; } \
-		|| { echo "error: wrk is not installed and cannot be installed here (needs apt-get as root): install it"; exit 1; }
+	@for tool in wrk:wrk h2load:nghttp2-client; do command=$${tool%%:*}; package=$${tool#*:}; \
+		command -v $$command >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq $$package >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$package; }; }; } \
+		|| { echo "error: $$command is not installed and cannot be installed here (needs apt-get as root): install $$package"; exit 1; }; \
+	done
 
 # Starts every configuration itself on 127.0.0.1 (servers on core 0, load on core 1); about 5 minutes.
 bench: $(VENV)/.all bench-tools
@@ -139,6 +142,20 @@ overload: $(VENV)/.all
 
 soak: $(VENV)/.all
 	$(PY) -m loadtest.soak --model-dir $(MODEL_DIR) --seconds $(SOAK_SECONDS)
+
+# The gRPC messages: service/protos/descriptors.binpb compiled from the .proto files beside it by grpcio-tools, in a
+# virtualenv of its own (its protobuf 7 clashes with the protobuf 6 tritonclient[grpc] holds the project to; the
+# descriptors are plain data, read by any protobuf). tests/test_service_grpc.py checks the committed file is current.
+GRPC_TOOLS := grpcio-tools==1.85.1
+GRPC_TOOLS_VENV ?= artifacts/grpc-tools
+GRPC_DESCRIPTORS ?= service/protos/descriptors.binpb
+$(GRPC_TOOLS_VENV)/bin/python:
+	$(PYTHON) -m venv $(GRPC_TOOLS_VENV)
+	$(GRPC_TOOLS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(GRPC_TOOLS)
+
+grpc-descriptors: $(GRPC_TOOLS_VENV)/bin/python
+	$(GRPC_TOOLS_VENV)/bin/python -m grpc_tools.protoc -Iservice/protos \
+		--descriptor_set_out=$(GRPC_DESCRIPTORS) open_inference.proto health.proto
 
 constraints: $(VENV)/.all
 	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new

@@ -5,8 +5,10 @@
 
 Configurations (``--configs``, in this order by default): ``on`` (the service, defaults), ``off`` (the service with
 ``SCS_MAX_BATCH_SIZE=1``), ``naive`` (FastAPI + onnxruntime, one model run per request), ``fastapi`` (constant
-FastAPI answer: H_fastapi), ``raw`` (constant raw ASGI on the service's uvicorn settings: H_raw) and ``v2`` (the
-service through the Open Inference Protocol, binary tensors as tritonclient sends them). Every server
+FastAPI answer: H_fastapi), ``raw`` (constant raw ASGI on the service's uvicorn settings: H_raw), ``v2`` (the
+service through the Open Inference Protocol, binary tensors as tritonclient sends them), ``grpc`` (the service
+through the protocol's gRPC service, driven by ``h2load`` with one prebuilt call) and ``grpc-const`` (a constant
+ModelInfer answer from grpcio's asyncio server with the service's gRPC settings: G_const). Every server
 starts up front, pinned to the server core (``taskset``); the harness and the load generator stay on the load
 core. Then, for each of ``--rounds`` rounds, each concurrency level, each configuration in turn gets a closed-loop
 point from ``wrk``: what is compared at one level was measured seconds apart, so the machine's drift over minutes
@@ -42,7 +44,8 @@ from .peers import PEERS, python_for
 from .processes import Parser, Server, TASKSET, core_busy_seconds, free_port, interrupt_on_signals, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_WORKERS": "1"}
+SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_WORKERS": "1",
+              "SCS_GRPC_PORT": "0"}  # gRPC off but in the grpc configuration (several services run at once)
 ALL_CORES = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
 
 
@@ -54,18 +57,19 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     service: bool = False  # exposes the service's /metrics (batch sizes, padding)
     cwd: Path | None = None
-    protocol: str = "classify"  # "v2": Open Inference Protocol requests, binary tensors, to path
+    protocol: str = "classify"  # "v2": Open Inference Protocol requests, binary tensors, to path; "grpc": ModelInfer
     path: str = "/classify"
+    grpc_port: int | None = None  # protocol "grpc": the port h2load calls (the HTTP port serves readiness, metrics)
     cores: str | None = None  # pinned to these cores instead of the server core
     ready_path: str = "/readyz"
     peer: bool = False
     pausable: bool = True
 
 
-KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "cores", "reference", "traced", "traced-sampled", "traced-dead",
-         *PEERS)
+KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "grpc", "grpc-const", "cores", "reference", "traced",
+         "traced-sampled", "traced-dead", *PEERS)
 COLLECTED = ("traced", "traced-sampled")  # the configurations that export to the harness's OTLP receiver
-DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2")
+DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2", "grpc", "grpc-const")
 
 def configs(model_dir: Path, port_of, reference: Path | None = None,
             peer_python: dict[str, Path] | None = None) -> dict[str, Config]:
@@ -92,6 +96,14 @@ def configs(model_dir: Path, port_of, reference: Path | None = None,
         "v2": Config("v2", "service, batching on, V2 infer with binary tensors",
                      [python, "-m", "service", *model, *where("v2")], SERVER_ENV, service=True, protocol="v2",
                      path=f"/v2/models/{model_name(model_dir)}/infer"),
+        "grpc": Config("grpc", "service, batching on, V2 over gRPC (ModelInfer, raw contents)",
+                       [python, "-m", "service", *model, *where("grpc")],
+                       SERVER_ENV | {"SCS_GRPC_PORT": str(port_of("grpc-port"))}, service=True, protocol="grpc",
+                       grpc_port=port_of("grpc-port")),
+        "grpc-const": Config("grpc-const", "constant answer, grpcio asyncio server (G_const)",
+                             [python, "-m", "loadtest.baselines.constant_grpc", *model, *where("grpc-const"),
+                              "--grpc-port", str(port_of("grpc-const-port"))], protocol="grpc",
+                             grpc_port=port_of("grpc-const-port")),
         # Tracing's cost: every request traced into a live OTLP receiver (loadtest/otlp_receiver.py, started on the
         # load core), and pointed at a port nobody listens on.
         "traced": Config("traced", "service, batching on, every request traced (a live OTLP receiver)",
@@ -172,7 +184,9 @@ def _measure_once(server: Server, config: Config, level: float, args, mode: str)
     threads = server.thread_cpu_seconds()
     cpu, core, started = server.cpu_seconds(), core_busy_seconds(watched), time.monotonic()
     bodies = args.bodies_paths[config.protocol]
-    if mode == "open":
+    if config.protocol == "grpc":
+        row = generators.h2load(f"127.0.0.1:{config.grpc_port}", int(level), args.seconds, bodies, args.load_core)
+    elif mode == "open":
         row = generators.open_loop(server.url, level, args.open_seconds, bodies, args.load_core, path=config.path)
     else:
         row = generators.wrk(server.url, int(level), args.seconds, bodies, args.load_core, config.path)
@@ -195,7 +209,27 @@ def _measure_once(server: Server, config: Config, level: float, args, mode: str)
             row["mean_batch"] = delta["scs_batch_size_sentences_sum"] / delta["scs_batch_size_sentences_count"]
         if delta["scs_real_tokens_total"]:
             row["padding_ratio"] = delta["scs_padded_tokens_total"] / delta["scs_real_tokens_total"]
+        if config.protocol == "grpc":  # h2load sees HTTP statuses only: a gRPC error status is in the trailers
+            failed = grpc_failures(after) - grpc_failures(samples)
+            row["errors"] += failed
+            row["rps"] -= failed / elapsed
+            row["sentences_per_s"] -= failed / elapsed
     return row
+
+
+def grpc_failures(samples: dict[str, float]) -> float:
+    """Calls the service answered with a gRPC status other than OK, from its metrics (CANCELLED aside: h2load
+    cancels the calls in flight when its time is up)."""
+    return sum(value for key, value in samples.items() if key.startswith("scs_requests_total{")
+               and 'protocol="grpc"' in key and 'status="OK"' not in key and 'status="CANCELLED"' not in key)
+
+
+def median_sentence(version_dir: Path, sentences: list[str]) -> str:
+    """The sentence of median token length: h2load sends one prebuilt gRPC call, so the gRPC points carry this one
+    (the HTTP points carry every sentence in turn; one length makes the batches pad nothing)."""
+    lengths = [len(ids) for ids in contract.check(version_dir).encoder.encode(sentences)[0]]
+    middle = sorted(lengths)[len(lengths) // 2]
+    return next(text for text, length in zip(sentences, lengths) if length == middle)
 
 
 def wrong_answers(url: str, config: Config, args) -> str | None:
@@ -305,7 +339,7 @@ def run(args, run_data: dict, log_dir: Path) -> None:
                     f"others on its core {_share(point['other_cpu'])}, load CPU {point['load_cpu']:.2f})")
     run_data["points"] = median_points(points)
     for rate in open_rates(run_data, args):
-        for config in live:
+        for config in [c for c in live if c.protocol != "grpc"]:  # the open loop speaks HTTP/1.1 only
             servers[config.name].resume()
             try:
                 point = measure(servers[config.name], config, rate, args, mode="open")
@@ -345,7 +379,7 @@ def machine(args) -> dict:
     except OSError:
         pass
     versions = [f"Python {platform.python_version()}"]
-    for package in ("onnxruntime", "fastapi", "uvicorn", "tokenizers", "geventhttpclient"):
+    for package in ("onnxruntime", "fastapi", "uvicorn", "tokenizers", "geventhttpclient", "grpcio"):
         try:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
@@ -355,6 +389,9 @@ def machine(args) -> dict:
         versions.append(f"project {code.stdout.strip()}")
     probe = subprocess.run([generators.WRK, "--version"], capture_output=True, text=True)
     versions.append((probe.stdout + probe.stderr).split("Copyright")[0].strip())
+    if generators.H2LOAD:
+        probe = subprocess.run([generators.H2LOAD, "--version"], capture_output=True, text=True)
+        versions.append(probe.stdout.strip().splitlines()[0] if probe.stdout.strip() else "h2load")
     manifest = contract.read_manifest(args.version_dir)
     config = manifest.training.get("config", {})
     pinning = (f"servers pinned to core {args.server_core} and load to core {args.load_core} with taskset"
@@ -368,7 +405,9 @@ def machine(args) -> dict:
         "mix": (f"{100 - args.multi_percent}% one text, {args.multi_percent}% 2-{args.multi_max} texts"
                 if args.multi_percent else f"{args.texts} text{'s' if args.texts > 1 else ''} per request")
                + f" ({args.mean_sentences:.2f} sentences per request on average), sentences from {args.data.name}",
-        "generator": f"wrk, 1 thread, closed loop (one connection per client); {args.seconds:g} s per point, "
+        "generator": f"wrk (HTTP) and h2load (gRPC: every call the sentence of median length, "
+                     f"{getattr(args, 'grpc_text', '')!r}), 1 thread, closed loop (one connection per client, one "
+                     f"request at a time); {args.seconds:g} s per point, "
                      f"{args.rounds} round(s), {args.warmup:g} s warm-up; open loop: python -m loadtest.traffic "
                      f"(geventhttpclient), {args.open_seconds:g} s per rate",
         "command": "python -m loadtest.bench" + "".join(f" {a}" for a in sys.argv[1:]),
@@ -450,6 +489,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--texts must be >= 1, --multi-percent 0-100 and --multi-max >= 2")
     if not generators.WRK:
         parser.error("wrk is not installed: `make bench-tools` (Debian: apt-get install -y wrk)")
+    if not generators.H2LOAD and any(c.startswith("grpc") for c in chosen):
+        parser.error("h2load is not installed: `make bench-tools` (Debian: apt-get install -y nghttp2-client)")
     try:
         args.version_dir = contract.version_folder(args.model_dir)
         contract.read_manifest(args.version_dir)
@@ -473,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     for protocol, path in args.bodies_paths.items():
         args.mean_sentences = write_bodies(request_bodies(args.sentences, args.texts, args.multi_percent,
                                                           args.multi_max, count, protocol=protocol), path)
+    args.grpc_text = median_sentence(args.version_dir, args.sentences)
+    args.bodies_paths["grpc"] = log_dir / "body-grpc.bin"
+    args.bodies_paths["grpc"].write_bytes(generators.grpc_body(model_name(args.model_dir), args.grpc_text))
     run_data = {"configs": args.configs, "names": {}, "raw_points": [], "points": [], "skipped": {}, "commands": {}}
     args.pinned = TASKSET is not None and (os.cpu_count() or 1) > max(args.server_core, args.load_core)
     if not args.pinned:

@@ -5,6 +5,8 @@
   against the raw constant app on the server core: one wrk thread sent 33,000 requests/s (4 clients) and 30,000
   (64) on about half of its core, while the geventhttpclient client below topped out at 19,000 and 16,500 with
   its core saturated; so with wrk the HTTP ceilings H_raw and H_fastapi are the servers', not the generator's.
+- Closed loop over gRPC: ``h2load`` (nghttp2's HTTP/2 benchmark, C, one thread) posting one prebuilt gRPC message
+  (``grpc_body``) on each of its connections, one call at a time per connection: wrk speaks no HTTP/2.
 - Open loop: ``python -m loadtest.traffic`` (geventhttpclient): requests start on a fixed schedule whatever the
   latency, and each latency counts from the request's due time, so queueing shows (no coordinated omission);
   every request is recorded (status, Retry-After). wrk has no open loop (wrk2 is not packaged), and the rates an
@@ -35,6 +37,8 @@ from .processes import finish, spawn
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk" / "classify.lua"
 WRK = shutil.which("wrk")
+H2LOAD = shutil.which("h2load")
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def wrk(url: str, connections: int, seconds: float, bodies: Path, core: int | str | None,
@@ -66,3 +70,43 @@ def open_loop(url: str, rate: float, seconds: float, bodies: Path, core: int | s
     if code != 0 or not lines:
         raise RuntimeError(f"open loop failed (exit {code}): {output.strip()[-300:]}")
     return json.loads(lines[-1])  # its own load_cpu: measured over the run, not the interpreter's start
+
+
+def grpc_body(model: str, text: str) -> bytes:
+    """One length-prefixed gRPC message: a ModelInferRequest for ``text`` with raw_input_contents, as tritonclient
+    sends it."""
+    import struct
+
+    from service.grpc_messages import ModelInferRequest
+    from service.v2_tensors import pack_bytes
+
+    request = ModelInferRequest(model_name=model)
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(pack_bytes([text]))
+    message = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+def h2load(target: str, connections: int, seconds: float, body: Path, core: int | str | None) -> dict:
+    """``connections`` closed-loop gRPC clients (one call in flight each) for ``seconds`` against ``target``
+    (host:port), each call ``body`` (``grpc_body``) to ModelInfer. h2load sees HTTP statuses only: a gRPC error
+    status (in the trailers) is counted by the caller from the server's metrics."""
+    import statistics
+    import tempfile
+
+    seconds = max(1, round(seconds))
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
+        argv = [H2LOAD, "-t1", f"-c{connections}", "-m1", f"-D{seconds}", "-d", str(body),
+                "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log.name}",
+                f"http://{target}{GRPC_INFER}"]
+        code, output, cpu = finish(spawn(argv, core, capture=True), timeout=seconds + 40)
+        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line.count("\t") == 2]
+    done = re.search(r"finished in ([\d.]+)(m?s)", output)
+    if code != 0 or not done or not rows:
+        raise RuntimeError(f"h2load failed (exit {code}): {output.strip()[-300:]}")
+    duration = float(done.group(1)) / (1000 if done.group(2) == "ms" else 1)
+    ok = [int(elapsed) / 1000 for _, status, elapsed in rows if status == "200"]
+    failed = len(rows) - len(ok)
+    cuts = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) > 1 else ok * 99
+    return {"requests": len(rows), "errors": failed, "rps": len(ok) / duration, "sentences_per_s": len(ok) / duration,
+            "p50_ms": cuts[49], "p90_ms": cuts[89], "p99_ms": cuts[98], "load_cpu": cpu}

@@ -126,7 +126,7 @@ def serve(args, env: dict[str, str], cores: list[int], log: Path) -> Server:
     port = free_port()
     server = Server("service", [sys.executable, "-m", "service", "--model-dir", str(args.model_dir), "--host",
                                 "127.0.0.1", "--port", str(port)], port,
-                    {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": args.provider} | env)
+                    {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": args.provider, "SCS_GRPC_PORT": "0"} | env)
     server.start(",".join(map(str, cores)) if cores else None, log)
     return server
 

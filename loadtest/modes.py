@@ -31,7 +31,8 @@ def start_service(mode: str, model_dir: Path, log: Path, env: dict[str, str] | N
                   core: int | str | None = 0) -> Server:
     """``python -m service`` in ``mode`` on a free 127.0.0.1 port, pinned to ``core`` (with several workers, on
     every core); returns once it is ready."""
-    settings = {"SCS_WORKERS": "1"} | MODES[mode][0] | {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu"} | (env or {})
+    settings = {"SCS_WORKERS": "1"} | MODES[mode][0] | {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu",
+                                                   "SCS_GRPC_PORT": "0"} | (env or {})
     if settings["SCS_WORKERS"] != "1":
         core = None
     port = free_port()

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--factor, --seconds and --capacity-seconds must be > 0, --clients >= 1")
     if not args.model_dir.is_dir() or not args.data.is_file():
         parser.error(f"no such model folder or data file: {args.model_dir}, {args.data}")
-    env = {}
+    env = {"SCS_GRPC_PORT": "0"}  # HTTP only: gRPC is measured by `python -m loadtest.bench --configs grpc`
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -28,21 +28,21 @@ def peak(points: list[dict], config: str) -> dict | None:
 
 
 def ceilings(run: dict) -> dict[str, float]:
-    """M and M_tok (sentences/s in process), H_fastapi and H_raw (requests/s at the highest level <= 64 measured),
-    and the composite ceilings one request at a time cannot beat: 1 / (1/M_tok + 1/H)."""
+    """M and M_tok (sentences/s in process), H_fastapi, H_raw and G_const (requests/s at the highest level <= 64
+    measured), and the composite ceilings one request at a time cannot beat: 1 / (1/M_tok + 1/H)."""
     found: dict[str, float] = {}
     ceiling = run.get("ceiling") or {}
     for key in ("M", "M_tok"):
         if key in ceiling:
             found[key] = ceiling[key]["sentences_per_s"]
     levels = [level for level in _levels(run["points"]) if level <= 64]
-    for config, key in (("fastapi", "H_fastapi"), ("raw", "H_raw")):
+    for config, key in (("fastapi", "H_fastapi"), ("raw", "H_raw"), ("grpc-const", "G_const")):
         point = at(run["points"], config, max(levels)) if levels else None
         if point:
             found[key] = point["rps"]
-    for key in ("H_fastapi", "H_raw"):
+    for key, name in (("H_fastapi", "fastapi"), ("H_raw", "raw"), ("G_const", "grpc")):
         if "M_tok" in found and key in found:
-            found[f"ceiling_{key[2:]}"] = 1 / (1 / found["M_tok"] + 1 / found[key])
+            found[f"ceiling_{name}"] = 1 / (1 / found["M_tok"] + 1 / found[key])
     return found
 
 
@@ -80,6 +80,12 @@ def bars(run: dict) -> list[dict]:
         share = v2["rps"] / on["rps"]
         bar("c=64: V2 (binary) within 15% of /classify", f"{share:.2f}x ({v2['rps']:,.0f} / {on['rps']:,.0f} req/s)",
             share >= 0.85)
+    grpc64 = at(points, "grpc", 64)
+    if grpc64 and "ceiling_grpc" in known:
+        share = grpc64["rps"] / known["ceiling_grpc"]
+        v2_ratio = f"; gRPC / V2 REST {grpc64['rps'] / v2['rps']:.2f}x" if v2 else ""
+        bar("c=64: gRPC >= 75% of its ceiling 1/(1/M_tok + 1/G_const)",
+            f"{share:.0%} ({grpc64['rps']:,.0f} / {known['ceiling_grpc']:,.0f} req/s{v2_ratio})", share >= 0.75)
     for name, title, floor in (("traced", "tracing on (every request, a live collector)", 0.90),
                                ("traced-dead", "tracing on, collector down (closed port)", 0.95)):
         traced = at(points, name, 64)
@@ -141,7 +147,9 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
         about = {"M": "sentences/s, model in process (1 thread, best grouped batch), ids given",
                  "M_tok": "sentences/s, the same with tokenization in each run",
                  "H_fastapi": "req/s, constant-answer FastAPI app", "H_raw": "req/s, constant-answer raw ASGI app",
-                 "ceiling_fastapi": "req/s, 1/(1/M_tok + 1/H_fastapi)", "ceiling_raw": "req/s, 1/(1/M_tok + 1/H_raw)"}
+                 "G_const": "calls/s, constant-answer grpcio asyncio server (gRPC)",
+                 "ceiling_fastapi": "req/s, 1/(1/M_tok + 1/H_fastapi)", "ceiling_raw": "req/s, 1/(1/M_tok + 1/H_raw)",
+                 "ceiling_grpc": "calls/s, 1/(1/M_tok + 1/G_const)"}
         out += [f"| {key} | {value:,.0f} | {about[key]} |" for key, value in known.items()]
         out.append("")
     out += ["Ratios at each concurrency (requests/s of the first over the second, measured seconds apart):", ""]
@@ -193,9 +201,9 @@ def markdown(run: dict, plot_name: str | None = "bench.png") -> str:
 
 
 def _ratios(points: list[dict], levels: list[int]) -> list[str]:
-    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("cores", "on"), ("on", "fastapi"),
-             ("on", "raw"), ("on", "reference"), ("traced", "on"), ("traced-sampled", "on"),
-             ("traced-dead", "on")]
+    pairs = [("on", "off"), ("on", "naive"), ("off", "naive"), ("v2", "on"), ("grpc", "v2"), ("grpc", "on"),
+             ("grpc-const", "raw"), ("cores", "on"), ("on", "fastapi"), ("on", "raw"), ("on", "reference"),
+             ("traced", "on"), ("traced-sampled", "on"), ("traced-dead", "on")]
     pairs = [(a, b) for a, b in pairs if closed(points, a) and closed(points, b)]
     if not pairs:
         return ["(no two configurations measured)"]

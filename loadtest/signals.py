@@ -111,7 +111,7 @@ class Load:
 
 def start(args, workers: int, log: Path, extra: dict[str, str] | None = None) -> Server:
     port = free_port()
-    env = {"SCS_WORKERS": str(workers), "SCS_PROVIDER": "cpu", "SCS_LOG_LEVEL": "info"} | (extra or {})
+    env = {"SCS_WORKERS": str(workers), "SCS_PROVIDER": "cpu", "SCS_LOG_LEVEL": "info", "SCS_GRPC_PORT": "0"} | (extra or {})
     server = Server(f"service ({workers} workers)", [sys.executable, "-m", "service", "--model-dir",
                                                      str(args.model_dir), "--host", "127.0.0.1", "--port", str(port)],
                     port, env)

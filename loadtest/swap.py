@@ -73,7 +73,8 @@ def phase(mode: str, args, reference: dict[str, list[np.ndarray]], bodies, log: 
     repository = Path(tempfile.mkdtemp(prefix="swap-repo-"))
     shutil.copytree(args.old, repository / NAME / "1")
     port = free_port()
-    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_REQUEST_TIMEOUT_S": "10"}
+    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_REQUEST_TIMEOUT_S": "10",
+           "SCS_GRPC_PORT": "0"}
     if mode == "poll":
         env["SCS_REPOSITORY_POLL_S"] = "0.5"
     server = Server(f"service ({mode})", [sys.executable, "-m", "service", "--model-dir", str(repository),
@@ -151,7 +152,8 @@ def churn(args, bodies, log: Path) -> dict:
     repository = Path(tempfile.mkdtemp(prefix="swap-repo-"))
     shutil.copytree(args.old, repository / NAME / "1")
     port = free_port()
-    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_WORKERS": "1"}
+    env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_WORKERS": "1",
+           "SCS_GRPC_PORT": "0"}
     server = Server("service (churn)", [sys.executable, "-m", "service", "--model-dir", str(repository),
                                         "--host", "127.0.0.1", "--port", str(port)], port, env)
     server.start(0, log)

@@ -1,7 +1,8 @@
 """The ASGI application: the lifespan that runs the model repository's engines, and for every HTTP request one
 stack (request id, metrics, in-flight count, then auth and CORS) in front of the routes: the hot routes
 (``POST /classify``, the V2 infer route: ``service.hot_route``), everything else through FastAPI
-(``service.routes``).
+(``service.routes``). The lifespan also starts the gRPC service (``service.grpc_server``) on the same event loop,
+once the models are warm when this process is one worker of several.
 
     uvicorn --factory service.app:create_app     # works; ``python -m service`` adds signals, drain and our protocol
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable
 
 from . import logs
 from .classify import ClassifyProtocol
@@ -44,8 +46,10 @@ class App:
         self.routes = secure(self._route, state.settings)
         self.access_log = logging.getLogger("service.access") if state.settings.access_log else None
         self.in_flight = 0
-        state.metrics.bind(state.metrics.in_flight, lambda: self.in_flight)
+        state.metrics.bind(state.metrics.in_flight.labels("http"), lambda: self.in_flight)
         self._tasks: list[asyncio.Task] = []
+        self.grpc = None  # service.grpc_server.GrpcServer once started (SCS_GRPC_PORT, 0: off)
+        self.grpc_failure: str | None = None  # why gRPC could not start (then the lifespan's start-up fails)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -125,6 +129,10 @@ class App:
                     if self.state.failure:
                         await send({"type": "lifespan.startup.failed", "message": self.state.failure})
                         return
+                failure = await self._start_grpc()
+                if failure:
+                    await send({"type": "lifespan.startup.failed", "message": failure})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self._stop()
@@ -144,6 +152,31 @@ class App:
             self._tasks.append(loop.create_task(self.state.repository.poll(self.state.settings.repository_poll_s),
                                                 name="repository-poll"))
         return warming
+
+    async def _start_grpc(self) -> str | None:
+        """Serve gRPC on ``SCS_GRPC_PORT`` (unless 0); why it could not, or None."""
+        settings = self.state.settings
+        if not settings.grpc_port:
+            return None
+        from .grpc_server import BindError, GrpcServer, grpc_address  # grpcio is imported only when gRPC is on
+
+        address = grpc_address(settings.grpc_host or settings.host, settings.grpc_port)
+        # One worker of several (warm_before_serving) binds the port in a SO_REUSEPORT group with the others.
+        server = GrpcServer(self.state, address, group=self.warm_before_serving)
+        try:
+            await server.start()
+        except BindError as error:
+            self.grpc_failure = f"cannot listen on {address} for gRPC ({error})"
+            log.error(self.grpc_failure)
+            return self.grpc_failure
+        self.grpc = server
+        return None
+
+    def stop_grpc(self, grace_s: float) -> Awaitable[None]:
+        """gRPC takes no new call from now on; the calls in flight get ``grace_s`` seconds (idempotent)."""
+        if self.grpc is None:
+            return asyncio.sleep(0)
+        return self.grpc.stop(grace_s)
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -168,6 +201,7 @@ class App:
         """Queued and running sentences finish within what is left of the one shutdown deadline."""
         state = self.state
         state.start_draining()
+        await self.stop_grpc(state.time_left())  # under ``python -m service`` already stopped with the HTTP port
         for task in self._tasks:
             task.cancel()
         if await state.repository.close(state.time_left()):

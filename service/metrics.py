@@ -34,11 +34,12 @@ class Metrics:
             self.exposition = CollectorRegistry()
             MultiProcessCollector(self.exposition)
         self._functions: list[tuple[Gauge, Callable[[], float]]] = []
-        self.requests = Counter("scs_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("scs_request_duration_seconds", "HTTP request latency", ["endpoint"],
+        # protocol: "http" (status: the HTTP status) or "grpc" (endpoint: /service/method, status: the code's name)
+        self.requests = Counter("scs_requests_total", "requests by protocol, endpoint and status",
+                                ["protocol", "endpoint", "status"], registry=r)
+        self.latency = Histogram("scs_request_duration_seconds", "request latency", ["protocol", "endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("scs_requests_in_flight", "HTTP requests being handled", registry=r,
+        self.in_flight = Gauge("scs_requests_in_flight", "requests being handled", ["protocol"], registry=r,
                                multiprocess_mode="livesum")
         self.rejections = Counter("scs_rejections_total", "requests refused or dropped, by reason (model and version "
                                   "empty when refused before one was chosen)", ["reason", *MODEL], registry=r)
@@ -76,7 +77,7 @@ class Metrics:
             self.trace_spans.labels(outcome)
         self.traces_skipped = Counter("scs_traces_skipped_total", "requests not traced because the span export was "
                                       "backed up (queue full, or the collector failing)", registry=r)
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, int | str], tuple[Counter, Histogram]] = {}
         self._reject_children: dict[tuple[str, str, str], Counter] = {}
 
     def bind(self, gauge: Gauge, read: Callable[[], float]) -> None:
@@ -94,14 +95,16 @@ class Metrics:
         for gauge, read in self._functions:
             gauge.set(read())
 
-    def observe_request(self, endpoint: str, status: int, seconds: float, trace_id: str | None = None) -> None:
-        """One answered request; ``trace_id`` (a sampled request's) becomes its latency bucket's exemplar, shown
-        in the OpenMetrics exposition (one process only: prometheus-client keeps none across workers)."""
-        key = (endpoint, status)
+    def observe_request(self, endpoint: str, status: int | str, seconds: float, trace_id: str | None = None,
+                        protocol: str = "http") -> None:
+        """One answered request (``status``: an HTTP status, or a gRPC code's name); ``trace_id`` (a sampled
+        request's) becomes its latency bucket's exemplar, shown in the OpenMetrics exposition (one process only:
+        prometheus-client keeps none across workers)."""
+        key = (protocol, endpoint, status)
         children = self._request_children.get(key)
         if children is None:
-            children = self._request_children[key] = (self.requests.labels(endpoint, str(status)),
-                                                      self.latency.labels(endpoint))
+            children = self._request_children[key] = (self.requests.labels(protocol, endpoint, str(status)),
+                                                      self.latency.labels(protocol, endpoint))
         children[0].inc()
         if trace_id is None:
             children[1].observe(seconds)

@@ -26,7 +26,7 @@ from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error
 from .lifecycle import Phase, ServiceState
 from .openapi import document
 from .schemas import ErrorResponse, error_details
-from .v2 import Tensor, V2Error, error_body, metadata, v2_status
+from .v2 import SERVER_METADATA, Tensor, V2Error, error_body, metadata, v2_status
 
 log = logging.getLogger("service.routes")
 
@@ -198,8 +198,7 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
 
     @api.get("/v2", summary="V2: server metadata", tags=["v2"], response_model=ServerMetadata)
     async def server_metadata() -> Response:
-        return v2_answer({"name": "sentence-classifier-service", "version": __version__,
-                          "extensions": ["binary_tensor_data", "classification", "model_repository"]})
+        return v2_answer(SERVER_METADATA)
 
     @api.get("/v2/health/live", summary="V2: the server is alive (503 once it failed)", tags=["v2"],
              response_model=Live, responses={503: {"model": Live}})
@@ -215,11 +214,9 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
 
     async def model_metadata(model_name: str, model_version: str | None = None) -> Response:
         try:
-            engine = repository.route(model_name, model_version)
+            return v2_answer(model_metadata_of(repository, model_name, model_version))
         except ServiceError as failure:
             return v2_error(failure)
-        versions = repository.served_versions(model_name) if model_version is None else [engine.version]
-        return v2_answer(metadata(engine.name, engine.labels, versions, engine.multi_label))
 
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
         try:
@@ -244,30 +241,15 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
                           responses=shown)
 
     async def control(change: Callable[[], Awaitable[dict]]) -> Response:
-        """A repository change, if this server may make one."""
-        if state.metrics.multiprocess:  # each worker has its own repository: one request would change one of them
-            return v2_error(ServiceError(409, "conflict", "with several workers (SCS_WORKERS) the repository is "
-                                         "changed on disk and picked up by SCS_REPOSITORY_POLL_S; run one worker to "
-                                         "use this API"))
-        if state.settings.api_key is None and not state.settings.allow_repository_control:
-            return v2_error(ServiceError(403, "forbidden", "repository control is off: set SCS_API_KEY (then it "
-                                         "needs the key) or SCS_ALLOW_REPOSITORY_CONTROL=true"))
         try:
-            return v2_answer(await change())
+            return v2_answer(await change_repository(state, change))
         except ServiceError as failure:
             return v2_error(failure)
 
     @api.post("/v2/repository/index", summary="V2 repository extension: every model and its versions", tags=["v2"],
               response_model=list[IndexEntry])
     async def index() -> Response:
-        rows = []
-        for model in repository.describe():
-            rows += [{"name": model["name"], "version": v["version"], "state": "READY"} for v in model["versions"]]
-            rows += [{"name": model["name"], "version": v["version"], "state": "UNAVAILABLE", "reason": v["reason"]}
-                     for v in model["refused"]]
-            if not model["versions"] and not model["refused"]:
-                rows.append({"name": model["name"], "state": "UNAVAILABLE", "reason": "unloaded"})
-        return v2_answer(rows)
+        return v2_answer(repository_index(repository))
 
     @api.post("/v2/repository/models/{model_name}/load", tags=["v2"], response_model=RepositoryChange,
               responses={c: errors[c] for c in (400, 403, 404, 409)},
@@ -280,3 +262,35 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
               summary="V2 repository extension: stop serving every version of a model (queued work finishes)")
     async def unload(model_name: str) -> Response:
         return await control(lambda: repository.unload(model_name))
+
+
+# --- what REST (above) and gRPC (service.grpc_server) answer alike --------------------------------------------------
+
+def model_metadata_of(repository, name: str, version: str | None) -> dict:
+    """A model's metadata (every served version), or one version's (404 ``ServiceError`` if not served)."""
+    engine = repository.route(name, version)
+    versions = repository.served_versions(name) if version is None else [engine.version]
+    return metadata(engine.name, engine.labels, versions, engine.multi_label)
+
+
+async def change_repository(state: ServiceState, change: Callable[[], Awaitable[dict]]) -> dict:
+    """A repository change, if this server may make one: 409 with several workers, 403 when control is off."""
+    if state.metrics.multiprocess:  # each worker has its own repository: one request would change one of them
+        raise ServiceError(409, "conflict", "with several workers (SCS_WORKERS) the repository is changed on disk and "
+                           "picked up by SCS_REPOSITORY_POLL_S; run one worker to use this API")
+    if state.settings.api_key is None and not state.settings.allow_repository_control:
+        raise ServiceError(403, "forbidden", "repository control is off: set SCS_API_KEY (then it needs the key) or "
+                           "SCS_ALLOW_REPOSITORY_CONTROL=true")
+    return await change()
+
+
+def repository_index(repository) -> list[dict]:
+    """Every model and version: READY when served, UNAVAILABLE (with the reason) when refused or unloaded."""
+    rows = []
+    for model in repository.describe():
+        rows += [{"name": model["name"], "version": v["version"], "state": "READY"} for v in model["versions"]]
+        rows += [{"name": model["name"], "version": v["version"], "state": "UNAVAILABLE", "reason": v["reason"]}
+                 for v in model["refused"]]
+        if not model["versions"] and not model["refused"]:
+            rows.append({"name": model["name"], "state": "UNAVAILABLE", "reason": "unloaded"})
+    return rows

@@ -1,7 +1,7 @@
 """One server process: uvicorn with the service's HTTP protocol, signals, drain and exit codes.
 
 Exit codes (README, "Exit codes"): 0 after a clean stop (SIGTERM or Ctrl-C, everything accepted answered); 1 when
-shutdown gave up on queued work (``SCS_GRACEFUL_TIMEOUT_S``) or the port could not be opened; 2 for bad settings or
+shutdown gave up on queued work (``SCS_GRACEFUL_TIMEOUT_S``) or a port (HTTP or gRPC) could not be opened; 2 for bad settings or
 a model that breaks the contract (one line on stderr); 3 when the service failed while running (a batcher task
 died, warm-up failed: a supervisor should restart it); 128 + the signal number when a second signal cut the drain
 short.
@@ -42,7 +42,8 @@ class Server(uvicorn.Server):
     accepted request (queued and running sentences included) gets what is left of one ``graceful_timeout_s``
     deadline. Nothing accepted is dropped on the way: connections the kernel completed but nobody accepted yet are
     accepted and served, and every connection, idle or busy, is answered before it closes (the protocol's drain,
-    ``service.http_protocol``). A second signal exits at once. Unlike plain uvicorn, a clean stop exits 0 rather
+    ``service.http_protocol``). The gRPC port closes at the same moment: gRPC sends GOAWAY (a client retries a call
+    the server never took on a new connection) and answers the calls in flight within the same deadline. A second signal exits at once. Unlike plain uvicorn, a clean stop exits 0 rather
     than re-raising the signal it caught.
     """
 
@@ -95,7 +96,10 @@ class Server(uvicorn.Server):
         protocol = self.config.http_protocol_class
         protocol.draining = True  # every connection from now on answers once more, with Connection: close
         self._serve_backlog(sockets or [])
+        # gRPC closes its port with HTTP's: no new call from now on, the calls in flight finish within the deadline.
+        grpc_stopped = self.config.app.stop_grpc(self.state.time_left())
         await super().shutdown(sockets)
+        await grpc_stopped
 
     def _serve_backlog(self, sockets: list[socket.socket]) -> None:
         """Accept what the kernel already queued on the listening sockets, so closing them resets no client that
@@ -158,9 +162,24 @@ def listen(settings: Settings, count: int = 1) -> list[socket.socket]:
     return group
 
 
-def cannot_listen(settings: Settings, error: OSError) -> int:
-    print(f"error: cannot listen on {settings.host}:{settings.port} ({error.strerror})", flush=True, file=sys.stderr)
+def cannot_listen(settings: Settings, error: OSError, grpc: bool = False) -> int:
+    where = f"{settings.grpc_host or settings.host}:{settings.grpc_port} for gRPC" if grpc else \
+        f"{settings.host}:{settings.port}"
+    print(f"error: cannot listen on {where} ({error.strerror})", flush=True, file=sys.stderr)
     return 1
+
+
+def check_grpc_port(settings: Settings) -> None:
+    """``OSError`` unless the gRPC port is free (the workers then bind it in a SO_REUSEPORT group of their own; a
+    port another process holds is refused, even one it holds in a group)."""
+    if settings.grpc_port:
+        host = settings.grpc_host or settings.host
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, settings.grpc_port))
+        finally:
+            probe.close()
 
 
 def stop_cleanly_until_serving() -> None:
@@ -197,6 +216,8 @@ def serve(settings: Settings, listener: socket.socket | None = None, worker: int
     server = Server(uvicorn_config(app, settings), app.state)
     server.run(sockets=[listener])
     if not server.started:
+        if app.grpc_failure:
+            print(f"error: {app.grpc_failure}", flush=True, file=sys.stderr)
         return FAILED if app.state.failure else 1
     if app.state.unfinished:  # a model run outlived the deadline: do not wait for its thread at interpreter exit
         logging.shutdown()

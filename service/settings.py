@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     worker_crash_window_s: float = Field(60.0, gt=0, description="the window worker_crash_limit counts deaths in")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC on this port, "
+                           "Triton's default (0: gRPC off)")
+    grpc_host: str = Field("", description="the address gRPC binds (empty: the same as host)")
+    grpc_max_connection_age_s: float = Field(0.0, ge=0, description="close each gRPC connection gracefully (GOAWAY) "
+                                             "after this long, so clients reconnect and spread again over workers "
+                                             "and replicas (0: never)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = Field(False, description="one log line per request")

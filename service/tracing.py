@@ -3,8 +3,9 @@
 
 What a trace shows, so that a slow request can be explained by the batch it rode in:
 
-- one SERVER span per HTTP request (``POST /classify``), the child of the request's W3C ``traceparent`` when it
-  has one: route, status, and for classification the model, version and sentence count;
+- one SERVER span per HTTP request (``POST /classify``) or gRPC call (``inference.GRPCInferenceService/ModelInfer``),
+  the child of the request's W3C ``traceparent`` (a header, or gRPC metadata) when it has one: route or method,
+  status, and for classification the model, version and sentence count;
 - under it, one ``queue wait`` span per sentence: from being queued to its model run starting;
 - one ``model run`` span per batch (its own trace), linked to every sampled request span it served, each of
   which links back to it: batch size, real and padded tokens, padding ratio, provider.
@@ -164,33 +165,55 @@ class Tracing:
         return time.monotonic_ns() + self.offset_ns
 
     def start_request(self, method: str, route: str, headers: list[tuple[bytes, bytes]]):
-        """The request's SERVER span if it is sampled, else None (then nothing else is traced for it)."""
+        """An HTTP request's SERVER span if it is sampled, else None (then nothing else is traced for it)."""
+        traceparent = tracestate = None
+        for name, value in headers:
+            if name == b"traceparent" and traceparent is None:
+                traceparent = value.decode("latin-1")
+            elif name == b"tracestate" and tracestate is None:
+                tracestate = value.decode("latin-1")
+        return self._start(f"{method} {route}", {"http.request.method": method, "http.route": route}, traceparent,
+                           tracestate)
+
+    def start_rpc(self, service: str, method: str, metadata) -> object | None:
+        """A gRPC call's SERVER span if it is sampled, else None; ``metadata``: the call's (key, value) pairs."""
+        traceparent = tracestate = None
+        for key, value in metadata or ():
+            if key == "traceparent" and traceparent is None:
+                traceparent = value if isinstance(value, str) else value.decode("latin-1")
+            elif key == "tracestate" and tracestate is None:
+                tracestate = value if isinstance(value, str) else value.decode("latin-1")
+        return self._start(f"{service}/{method}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+                           traceparent, tracestate)
+
+    def _start(self, name: str, attributes: dict, traceparent: str | None, tracestate: str | None):
         if self.export.backlogged:
             self.skipped.inc()
             return None
         parent = None
-        for name, value in headers:
-            if name == b"traceparent":
-                carrier = {"traceparent": value.decode("latin-1")}
-                for other, state in headers:
-                    if other == b"tracestate":
-                        carrier["tracestate"] = state.decode("latin-1")
-                parent = self.propagator.extract(carrier)
-                caller = trace.get_current_span(parent).get_span_context()
-                if not caller.is_valid:  # a malformed traceparent is ignored, as W3C says: a new trace
-                    parent = None
-                elif not caller.trace_flags.sampled:
-                    return None  # the caller decided: not sampled
-                break
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent} | ({"tracestate": tracestate} if tracestate is not None else {})
+            parent = self.propagator.extract(carrier)
+            caller = trace.get_current_span(parent).get_span_context()
+            if not caller.is_valid:  # a malformed traceparent is ignored, as W3C says: a new trace
+                parent = None
+            elif not caller.trace_flags.sampled:
+                return None  # the caller decided: not sampled
         if parent is None and self.ratio < 1 and random.random() >= self.ratio:
             return None
-        return self.tracer.start_span(f"{method} {route}", context=parent, kind=trace.SpanKind.SERVER,
-                                      attributes={"http.request.method": method, "http.route": route},
+        return self.tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes,
                                       start_time=self.now_ns())
 
     def end_request(self, span, status: int) -> None:
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span.end(self.now_ns())
+
+    def end_rpc(self, span, code: int, failed: bool) -> None:
+        """``code``: the gRPC status code's number; ``failed``: a server-side failure (an error status)."""
+        span.set_attribute("rpc.grpc.status_code", code)
+        if failed:
             span.set_status(trace.Status(trace.StatusCode.ERROR))
         span.end(self.now_ns())
 

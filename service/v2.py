@@ -7,7 +7,9 @@ the prediction abstain). JSON ``data`` and the binary tensor data extension are 
 (``service.v2_tensors``). The classification extension (``"parameters": {"classification": k}`` on an output)
 answers Triton's ``"score:index:label"`` strings. Errors are ``{"error": "<message>"}``; a request that breaks the
 schema is a 400, as Triton answers. The request is validated by the pydantic models below, which also document it;
-the metadata, health and repository routes are in ``service.routes``.
+the metadata, health and repository routes are in ``service.routes``. V2 over gRPC (``service.grpc_v2``) validates
+its requests with the same models and shares the request's meaning, its texts and its outputs (the functions below
+``validated``), so the two transports differ only in their encoding.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from contract import SELECTIVE_PRECISIONS
 
+from . import __version__
 from .calls import Call, Reply
 from .engine import Answer
 from .errors import ServiceError
@@ -189,6 +192,10 @@ class InferResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+SERVER_METADATA = {"name": "sentence-classifier-service", "version": __version__,
+                   "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+
+
 def metadata(name: str, labels: list[str], versions: list[str], multi_label: bool = False) -> dict:
     """Model metadata as the protocol states it (``GET /v2/models/{name}``); ``parameters`` says whether the model
     is multi-label (PROBABILITIES then holds a sigmoid per class, and LABEL the most likely label at or above the
@@ -200,15 +207,93 @@ def metadata(name: str, labels: list[str], versions: list[str], multi_label: boo
                         {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]}
 
 
-def error_body(error: ServiceError) -> bytes:
-    """The protocol's error: one message. A schema problem (422 elsewhere) is a 400 here, and says what it is."""
+def error_message(error: ServiceError) -> str:
+    """The protocol's error (REST and gRPC): one message; a schema problem says what it is."""
     if error.status == 422 and isinstance(error.details, list) and error.details:
-        return orjson.dumps({"error": error.details[0]["msg"]})
-    return orjson.dumps({"error": error.message})
+        return error.details[0]["msg"]
+    return error.message
+
+
+def error_body(error: ServiceError) -> bytes:
+    """The REST error: ``{"error": message}``. A schema problem (422 elsewhere) is a 400 here, as Triton answers."""
+    return orjson.dumps({"error": error_message(error)})
 
 
 def v2_status(error: ServiceError) -> int:
     return 400 if error.status == 422 else error.status
+
+
+# --- what REST and gRPC share: the request's meaning, its texts, its outputs -----------------------------------------
+
+def validated(request: object) -> InferRequest:
+    """The infer request as the models above read it (a dict from the gRPC message); 400 with the first problem."""
+    try:
+        return InferRequest.model_validate(request)
+    except ValidationError as error:
+        raise bad(validation_message(error)) from None
+
+
+def call_of(request: InferRequest, texts: list[str], model: str | None, version: str | None, server_timeout_s: float,
+            deadline_s: float | None = None) -> Call:
+    """The engine call a validated request makes: its thresholds, and its deadline (``parameters.timeout`` in
+    microseconds, as Triton reads it, and the transport's own ``deadline_s`` where it has one; at most the
+    server's)."""
+    parameters = request.parameters or RequestParameters()
+    timeout = None if parameters.timeout is None else min(server_timeout_s, parameters.timeout / 1e6)
+    if deadline_s is not None:
+        timeout = deadline_s if timeout is None else min(timeout, deadline_s)
+    return Call(texts, model, version, parameters.min_score, parameters.min_precision, timeout, request)
+
+
+def check_count(count: int, max_texts: int) -> None:
+    if not 1 <= count <= max_texts:
+        raise bad(f"input {INPUT!r} holds {count} texts; between 1 and {max_texts} are allowed")
+
+
+def text_of(element, index: int, max_chars: int) -> str:
+    """One element of ``TEXT`` (bytes or str) as the text it must be: UTF-8, and what /classify accepts."""
+    if isinstance(element, bytes):
+        try:
+            element = element.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise bad(f"input {INPUT!r} element {index} is not UTF-8 (byte {error.start})") from None
+    if not isinstance(element, str):
+        raise bad(f"input {INPUT!r} element {index} must be a string, not {type(element).__name__}")
+    problem = problem_with_text(element, max_chars)
+    if problem:
+        raise bad(f"input {INPUT!r} element {index}: {problem[1]}")
+    return element
+
+
+def check_outputs(request: InferRequest, labels: list[str]) -> None:
+    """What depends on the model: a classification count within its classes."""
+    for requested in request.outputs or ():
+        k = requested.parameters.classification if requested.parameters else None
+        if k is not None and not 1 <= k <= len(labels):
+            raise bad(f"output {requested.name!r}: classification must be an integer from 1 to {len(labels)}, "
+                      f"got {k}")
+
+
+def outputs(request: InferRequest, answer: Answer, binary_all: bool = False) -> list[tuple[str, str, list[int],
+                                                                                           list, bool]]:
+    """The output tensors the request asked for (default: every output), each as (name, datatype, shape, values,
+    binary): rows of floats for FP32, strings for BYTES; ``binary``: the REST binary extension's choice."""
+    wanted = [(o.name, (o.parameters.binary_data if o.parameters and o.parameters.binary_data is not None
+                        else binary_all), (o.parameters.classification or 0) if o.parameters else 0)
+              for o in request.outputs] if request.outputs else [(PROBABILITIES, binary_all, 0), (LABEL, binary_all, 0)]
+    count, labels, scores = len(answer.scores), answer.labels, answer.scores
+    tensors = []
+    for name, binary, k in wanted:
+        if k:
+            values = [f"{s.probabilities[i]:f}:{i}:{labels[i]}" for s in scores for i in s.ranked[:k]]
+            tensors.append((name, "BYTES", [count, k], values, binary))
+        elif name == PROBABILITIES:
+            tensors.append((name, "FP32", [count, len(labels)], [s.probabilities for s in scores], binary))
+        else:
+            abstained = answer.abstained or [False] * count
+            values = ["" if no else labels[s.ranked[0]] for s, no in zip(scores, abstained)]
+            tensors.append((name, "BYTES", [count], values, binary))
+    return tensors
 
 
 # --- the wire protocol ---------------------------------------------------------------------------------------------
@@ -227,16 +312,12 @@ class V2Protocol:
         try:
             request = InferRequest.model_validate_json(head)
         except ValidationError as error:
-            raise bad(_message(head, error)) from None
-        parameters = request.parameters or RequestParameters()
-        timeout = None if parameters.timeout is None else min(self.timeout_s, parameters.timeout / 1e6)
-        return Call(self._texts(request.inputs[0], binary), model, version, parameters.min_score,
-                    parameters.min_precision, timeout, request)
+            raise bad(validation_message(error)) from None
+        return call_of(request, self._texts(request.inputs[0], binary), model, version, self.timeout_s)
 
     def _texts(self, tensor: InputTensor, binary: bytes) -> list[str]:
         count = tensor.shape[0]
-        if not 1 <= count <= self.max_texts:
-            raise bad(f"input {INPUT!r} holds {count} texts; between 1 and {self.max_texts} are allowed")
+        check_count(count, self.max_texts)
         size = tensor.parameters.binary_data_size if tensor.parameters else None
         if size is not None:
             if size > len(binary):
@@ -252,47 +333,17 @@ class V2Protocol:
             if elements is None or len(elements) != count:
                 raise bad(f"input {INPUT!r}: 'data' must hold {count} strings (its shape {tensor.shape}), flat or "
                           f"nested as the shape is")
-        return [self._text(element, index) for index, element in enumerate(elements)]
-
-    def _text(self, element, index: int) -> str:
-        if isinstance(element, bytes):
-            try:
-                element = element.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise bad(f"input {INPUT!r} element {index} is not UTF-8 (byte {error.start})") from None
-        if not isinstance(element, str):
-            raise bad(f"input {INPUT!r} element {index} must be a string, not {type(element).__name__}")
-        problem = problem_with_text(element, self.max_chars)
-        if problem:
-            raise bad(f"input {INPUT!r} element {index}: {problem[1]}")
-        return element
+        return [text_of(element, index, self.max_chars) for index, element in enumerate(elements)]
 
     def check(self, call: Call, labels: list[str]) -> None:
-        for requested in call.view.outputs or ():
-            k = requested.parameters.classification if requested.parameters else None
-            if k is not None and not 1 <= k <= len(labels):
-                raise bad(f"output {requested.name!r}: classification must be an integer from 1 to {len(labels)}, "
-                          f"got {k}")
+        check_outputs(call.view, labels)
 
     def render(self, call: Call, answer: Answer) -> Reply:
         request: InferRequest = call.view
         binary_all = bool(request.parameters and request.parameters.binary_data_output)
-        wanted = [(o.name, (o.parameters.binary_data if o.parameters and o.parameters.binary_data is not None
-                            else binary_all), (o.parameters.classification or 0) if o.parameters else 0)
-                  for o in request.outputs] if request.outputs else [(PROBABILITIES, binary_all, 0),
-                                                                       (LABEL, binary_all, 0)]
-        count, labels, scores = len(answer.scores), answer.labels, answer.scores
         tensors, blobs = [], []
-        for name, binary, k in wanted:
-            if k:
-                values = [f"{s.probabilities[i]:f}:{i}:{labels[i]}" for s in scores for i in s.ranked[:k]]
-                tensor, blob = output(name, "BYTES", [count, k], values, binary)
-            elif name == PROBABILITIES:
-                tensor, blob = output(name, "FP32", [count, len(labels)], [s.probabilities for s in scores], binary)
-            else:
-                abstained = answer.abstained or [False] * count
-                values = ["" if no else labels[s.ranked[0]] for s, no in zip(scores, abstained)]
-                tensor, blob = output(name, "BYTES", [count], values, binary)
+        for name, datatype, shape, values, binary in outputs(request, answer, binary_all):
+            tensor, blob = output(name, datatype, shape, values, binary)
             tensors.append(tensor)
             blobs.append(blob)
         body = {"model_name": answer.model, "model_version": answer.version, "outputs": tensors}
@@ -307,7 +358,7 @@ class V2Protocol:
         return v2_status(error), error_body(error), JSON, error.headers
 
 
-def _message(head: bytes, error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
     """One line for the first problem: the JSON parser's, or where in the request and what."""
     first = error.errors(include_url=False)[0]
     if first["type"] == "json_invalid":

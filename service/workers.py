@@ -15,6 +15,11 @@ them stop at once. A worker that dies unasked (any signal, any exit) is logged a
 socket, while the others keep serving; only ``worker_crash_limit`` deaths within ``worker_crash_window_s`` (a
 crash loop) stop the service, with exit code 3. Metrics are prometheus-client's multiprocess mode: any worker's
 ``/metrics`` sums what every worker counted, the dead ones' counters included.
+
+gRPC (``SCS_GRPC_PORT``): grpcio's Python API binds an address and cannot adopt a socket the supervisor holds, so
+each worker binds the gRPC port itself, once warm, in a SO_REUSEPORT group with the others (the supervisor first
+checks that no other process holds the port). A replacement joins the group; a dead worker's unaccepted gRPC
+connections are reset with it (its HTTP ones wait on the socket the supervisor keeps).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from contract import ArtifactError
 
 from .metrics import Metrics
 from .repository import Repository
-from .server import FAILED, cannot_listen, listen, serve, stop_cleanly_until_serving
+from .server import FAILED, cannot_listen, check_grpc_port, listen, serve, stop_cleanly_until_serving
 from .settings import Settings
 
 log = logging.getLogger("service.workers")
@@ -180,6 +185,12 @@ def supervise(settings: Settings, workers: int) -> int:
         listeners = listen(settings, workers)
     except OSError as error:
         return cannot_listen(settings, error)
+    try:
+        check_grpc_port(settings)
+    except OSError as error:
+        for listener in listeners:
+            listener.close()
+        return cannot_listen(settings, error, grpc=True)
     metrics_dir = tempfile.mkdtemp(prefix="scs-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # the workers inherit it before importing the client
     try:

@@ -229,6 +229,7 @@ class ServiceProcess:
     process: subprocess.Popen
     url: str
     log: Path
+    grpc: str = ""  # host:port of its gRPC service ("" when off)
 
     def metric(self, name: str, **labels: str) -> float:
         return read_metric(self.url, name, **labels)
@@ -246,16 +247,19 @@ class ServiceProcess:
 
 def start_service(model_dir: Path, log: Path, ready_timeout: float = 60, argv: list[str] | None = None,
                   **env: object) -> ServiceProcess:
-    """``python -m service`` on a free 127.0.0.1 port with ``SCS_<KEY>`` settings; returns once /readyz is 200.
-    ``argv`` replaces ``-m service`` (for a real server started with a fault injected first)."""
+    """``python -m service`` on a free 127.0.0.1 port (and gRPC on another, unless ``GRPC_PORT=0``) with
+    ``SCS_<KEY>`` settings; returns once /readyz is 200. ``argv`` replaces ``-m service`` (for a real server started
+    with a fault injected first)."""
     port = free_port()
-    env = {"WORKERS": 1} | env  # one process unless a test asks for more (the default follows the CPUs)
+    # one process unless a test asks for more (the default follows the CPUs); gRPC never on its shared default port
+    env = {"WORKERS": 1, "GRPC_PORT": free_port()} | env
     environment = os.environ | {f"SCS_{k.upper()}": str(v) for k, v in env.items()} | {"PYTHONUNBUFFERED": "1"}
     handle = log.open("wb")
     command = [sys.executable, *(argv or ["-m", "service"]), "--model-dir", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=handle, stderr=handle)
-    service = ServiceProcess(process, f"http://127.0.0.1:{port}", log)
+    service = ServiceProcess(process, f"http://127.0.0.1:{port}", log,
+                             f"127.0.0.1:{env['GRPC_PORT']}" if int(env["GRPC_PORT"]) else "")
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -286,6 +290,29 @@ def service_factory(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """A virtualenv with the kserve package (its own pins: psutil<6 clashes with the project's), for its REST and
+    gRPC clients (tests/test_service_v2.py, tests/test_service_grpc.py), from tests/venvs.py: made once, or by
+    `make test` while the tests before these ran."""
+    import venvs
+
+    made = venvs.ensure("kserve")
+    assert made.returncode == 0, made.stderr[-3000:]
+    return made.python
+
+
+def kserve_client(python: Path, script: str, target: str, texts: list[str]) -> dict:
+    """Run a kserve client ``script`` (argv: target, texts as JSON; prints one JSON line) against a service; what it
+    saw, once it said the server is live and ready and the test model ready."""
+    result = subprocess.run([str(python), "-c", script, target, json.dumps(texts)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["live"] is True and seen["ready"] is True and seen["model_ready"] is True
+    return seen
+
+
+@pytest.fixture(scope="session")
 def service(test_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """One service on the test artifact, default settings, shared by the tests of a session."""
     service = start_service(test_artifact, tmp_path_factory.mktemp("service") / "service.log")
@@ -297,6 +324,7 @@ def service(test_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 class Served:
     url: str
     app: object  # service.app.App
+    grpc: str = ""  # host:port of its gRPC service ("" when off)
 
 
 @contextmanager
@@ -311,6 +339,7 @@ def in_process(runtime, plain_uvicorn: bool = False, **settings) -> Iterator[Ser
     from service.settings import Settings
 
     port = free_port()
+    settings = {"grpc_port": 0} | settings  # gRPC off unless asked for (grpc_port=free_port())
     config = Settings(model_dir=runtime.artifact.folder, host="127.0.0.1", port=port, **settings)
     app = create_app(config, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
@@ -327,7 +356,7 @@ def in_process(runtime, plain_uvicorn: bool = False, **settings) -> Iterator[Ser
             pass
         time.sleep(0.02)
     try:
-        yield Served(url, app)
+        yield Served(url, app, f"127.0.0.1:{config.grpc_port}" if config.grpc_port else "")
     finally:
         server.should_exit = True
         thread.join(30)

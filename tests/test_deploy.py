@@ -87,14 +87,19 @@ def test_selectors_and_targets_meet_the_pods() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
 
 
-def test_probes_hit_the_service_port_and_endpoints() -> None:
+def test_probes_hit_the_service_ports_and_endpoints() -> None:
     spec = container()
-    (port,) = spec["ports"]
+    http, grpc = spec["ports"]
     env = env_values(spec["env"])
-    assert port["containerPort"] == int(env["SCS_PORT"])
-    assert load("service.yaml")["spec"]["ports"][0]["targetPort"] == port["name"]
-    for probe, path in [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
-        assert spec[probe]["httpGet"] == {"path": path, "port": port["name"]}
+    assert (http["name"], http["containerPort"]) == ("http", int(env["SCS_PORT"]))
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", int(env["SCS_GRPC_PORT"]))
+    ports = {port["name"]: port for port in load("service.yaml")["spec"]["ports"]}
+    assert ports["http"]["targetPort"] == "http" and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    for probe, path in [("startupProbe", "/readyz"), ("livenessProbe", "/healthz")]:
+        assert spec[probe]["httpGet"] == {"path": path, "port": "http"}
+    # readiness through the standard gRPC health service, on the gRPC port (a probe's port is a number)
+    assert spec["readinessProbe"]["grpc"] == {"port": grpc["containerPort"]}
 
 
 def test_grace_period_covers_prestop_and_drain() -> None:
@@ -157,7 +162,8 @@ def test_compose_stop_grace_covers_the_drain_and_the_port_is_local() -> None:
     env = service["environment"]
     drain = float(env["SCS_DRAIN_SECONDS"]) + float(env["SCS_GRACEFUL_TIMEOUT_S"])
     assert seconds(service["stop_grace_period"]) > drain
-    assert [(port["host_ip"], port["target"]) for port in service["ports"]] == [("127.0.0.1", 8000)]
+    assert [(port["host_ip"], port["target"]) for port in service["ports"]] == [("127.0.0.1", 8000), ("127.0.0.1", 8001)]
+    assert int(env["SCS_GRPC_PORT"]) == 8001
     assert service["read_only"] is True and any(mount.startswith("/tmp") for mount in service["tmpfs"])
 
 
@@ -223,11 +229,12 @@ def test_the_inference_service_names_the_runtime_and_the_v2_protocol() -> None:
     assert set(service["spec"]["predictor"]) <= {"minReplicas", "maxReplicas", "model"}
     assert set(model) == {"modelFormat", "protocolVersion", "runtime"}
     assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
-    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
     assert model["modelFormat"]["name"] in [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
     spec = kserve_container()
-    (port,) = spec["ports"]
+    port, grpc = spec["ports"]
     assert port["containerPort"] == int(env_values(spec["env"])["SCS_PORT"])
+    assert (grpc["name"], grpc["containerPort"]) == ("h2c", int(env_values(spec["env"])["SCS_GRPC_PORT"]))
     for probe in ("readinessProbe", "livenessProbe"):
         assert spec[probe]["httpGet"]["port"] == port["name"] and spec[probe]["httpGet"]["path"] in OPEN_PATHS
     assert spec["image"].split(":")[0] == container()["image"]

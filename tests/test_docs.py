@@ -8,7 +8,7 @@ from conftest import ROOT
 from service.settings import Settings
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-COMPOSE_ONLY = {"SCS_PUBLISH_PORT", "SCS_CPUS"}  # docker-compose.yml's own knobs, documented under Docker
+COMPOSE_ONLY = {"SCS_PUBLISH_PORT", "SCS_PUBLISH_GRPC_PORT", "SCS_CPUS"}  # docker-compose.yml's own knobs, documented under Docker
 
 
 def test_every_setting_is_in_the_configuration_table_and_every_documented_one_exists():

@@ -72,10 +72,11 @@ def test_a_complete_tiny_run_writes_bars_tables_plot_and_section(tmp_path: Path)
     assert not run["skipped"], run["skipped"]
     closed = [p for p in run["points"] if p["mode"] == "closed"]
     assert sorted((p["config"], p["load"]) for p in closed) == [
-        (config, level) for config in sorted(("fastapi", "naive", "off", "on", "raw", "v2")) for level in (1, 4)]
+        (config, level) for config in sorted(("fastapi", "grpc", "grpc-const", "naive", "off", "on", "raw", "v2"))
+        for level in (1, 4)]
     assert all(p["errors"] == 0 and p["rps"] > 0 for p in closed)
     for p in closed:
-        if p["config"] in ("on", "off", "v2"):  # the service's own figures, from its /metrics and /proc
+        if p["config"] in ("on", "off", "v2", "grpc"):  # the service's own figures, from its /metrics and /proc
             assert p["mean_batch"] >= 1 and p["padding_ratio"] >= 1
             assert p["cpu_us_per_request"]["event_loop"] > 0 and p["cpu_us_per_request"]["model"] > 0
     assert {p["mean_batch"] for p in closed if p["config"] == "off"} == {1.0}  # batching off ran one per run
@@ -88,6 +89,7 @@ def test_a_complete_tiny_run_writes_bars_tables_plot_and_section(tmp_path: Path)
 
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| on / off |" in table and "| v2 / on |" in table and "| ceiling_raw |" in table and "| configuration | c=1 | c=4 |" in table
+    assert "| grpc / v2 |" in table and "| G_const |" in table and "| ceiling_grpc |" in table
     image = matplotlib.image.imread(tmp_path / "out" / "bench.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
     text = benchmarks.read_text()

@@ -9,9 +9,7 @@ import asyncio
 import json
 import socket
 import struct
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,8 +18,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-import venvs
-from conftest import TEST_ARTIFACT, TEXT, alone, sentences, start_service
+from conftest import TEST_ARTIFACT, TEXT, alone, kserve_client, sentences, start_service
 
 MODEL = "test-model"
 TEXTS = [TEXT, "How do I top up by card?", "my card was stolen 💳"]
@@ -246,15 +243,6 @@ def test_a_timeout_in_microseconds_is_honoured(service_factory, test_artifact):
     assert response.status_code == 504 and "not answered within" in response.json()["error"]
 
 
-@pytest.fixture(scope="module")
-def kserve_python() -> Path:
-    """A virtualenv with the kserve package (its own pins: psutil<6 clashes with the project's), from
-    tests/venvs.py: made once, or by `make test` while the tests before this one ran."""
-    made = venvs.ensure("kserve")
-    assert made.returncode == 0, made.stderr[-3000:]
-    return made.python
-
-
 KSERVE_CLIENT = """
 import asyncio, json, sys
 import numpy as np
@@ -281,11 +269,7 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
 @pytest.mark.slow
 @pytest.mark.venv
 def test_the_kserve_rest_client_works_unmodified(v2, kserve_python):
-    result = subprocess.run([str(kserve_python), "-c", KSERVE_CLIENT, v2.url, json.dumps(TEXTS)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen["live"] is True and seen["ready"] is True and seen["model_ready"] is True
+    seen = kserve_client(kserve_python, KSERVE_CLIENT, v2.url, TEXTS)
     answer = classify(v2, TEXTS)
     labels = json.loads((TEST_ARTIFACT.parent / "2" / "labels.json").read_text())
     for kind in ("json", "binary"):

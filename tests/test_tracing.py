@@ -123,6 +123,31 @@ def test_sampling_ratio_and_probes(test_artifact: Path, service_factory, receive
     assert loud.metric("scs_trace_spans_total", outcome="dropped") == 0
 
 
+def test_a_grpc_call_is_a_server_span_child_of_its_traceparent_metadata(test_artifact: Path, service_factory, receiver):
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    service = service_factory(test_artifact, OTEL_ENDPOINT=receiver.url, OTEL_SAMPLE_RATIO=0)
+    header, parent = traceparent(41)
+    text = triton.InferInput("TEXT", [2], "BYTES")
+    text.set_data_from_numpy(np.array([b"lost card", b"top up"], dtype=np.object_))
+    with triton.InferenceServerClient(service.grpc) as client:
+        client.infer("test-model", [text], headers={"traceparent": header})
+        client.infer("test-model", [text])  # ratio 0 and no traceparent: not traced
+        client.is_server_ready(headers={"traceparent": header})  # a probe: never traced
+    name = "inference.GRPCInferenceService/ModelInfer"
+    spans = wait_for(receiver, lambda spans: any(s.name == name for s in spans)
+                     and sum(s.name == "queue wait" for s in spans) == 2)
+    [call] = [s for s in spans if s.name.startswith("inference.")]
+    assert call.trace_id == bytes.fromhex(header.split("-")[1]) and call.parent_span_id == bytes.fromhex(parent)
+    values = attributes(call)
+    assert (values["rpc.system"], values["rpc.method"], values["rpc.grpc.status_code"]) == ("grpc", "ModelInfer",
+                                                                                           grpc.StatusCode.OK.value[0])
+    assert values["scs.sentences"] == 2 and call.kind == Span.SPAN_KIND_SERVER
+    assert sum(s.name == "queue wait" and s.parent_span_id == call.span_id for s in spans) == 2
+
+
 def test_latency_exemplars_carry_the_trace_id(test_artifact: Path, service_factory, receiver):
     service = service_factory(test_artifact, OTEL_ENDPOINT=receiver.url)
     header, _ = traceparent(77)
@@ -132,7 +157,8 @@ def test_latency_exemplars_carry_the_trace_id(test_artifact: Path, service_facto
     scrape = httpx.get(f"{service.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert scrape.headers["content-type"].startswith("application/openmetrics-text")
     assert scrape.text.rstrip().endswith("# EOF")
-    found = re.findall(r'^scs_request_duration_seconds_bucket\{endpoint="/classify".*# \{trace_id="([0-9a-f]{32})"\}',
+    found = re.findall(r'^scs_request_duration_seconds_bucket\{(?=[^}]*protocol="http")[^}]*endpoint="/classify".*'
+                       r'# \{trace_id="([0-9a-f]{32})"\}',
                        scrape.text, re.MULTILINE)
     assert found == [header.split("-")[1]]
 
