@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,9 +40,9 @@ from pathlib import Path
 import contract
 
 from . import generators, report
-from .data import metric, read_sentences, request_bodies, scrape, write_bodies
+from .data import Sample, metric, read_sentences, request_bodies, scrape, write_bodies
 from .peers import PEERS, python_for
-from .processes import Parser, Server, TASKSET, core_busy_seconds, free_port, interrupt_on_signals, stop_all
+from .processes import TASKSET, Parser, Server, core_busy_seconds, free_port, interrupt_on_signals, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_WORKERS": "1",
@@ -217,11 +218,11 @@ def _measure_once(server: Server, config: Config, level: float, args, mode: str)
     return row
 
 
-def grpc_failures(samples: dict[str, float]) -> float:
+def grpc_failures(samples: Sequence[Sample]) -> float:
     """Calls the service answered with a gRPC status other than OK, from its metrics (CANCELLED aside: h2load
     cancels the calls in flight when its time is up)."""
-    return sum(value for key, value in samples.items() if key.startswith("scs_requests_total{")
-               and 'protocol="grpc"' in key and 'status="OK"' not in key and 'status="CANCELLED"' not in key)
+    return sum(sample.value for sample in samples if sample.name == "scs_requests_total"
+               and sample.labels.get("protocol") == "grpc" and sample.labels.get("status") not in ("OK", "CANCELLED"))
 
 
 def median_sentence(version_dir: Path, sentences: list[str]) -> str:
