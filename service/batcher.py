@@ -75,8 +75,6 @@ class Job(Generic[R]):
         if not self.future.done():
             self.future.set_exception(error)
 
-    def __lt__(self, other: Job) -> bool:  # the deadline heap's order
-        return self.deadline < other.deadline
 
 
 class Item:
@@ -116,7 +114,11 @@ class Batcher(Generic[R]):
         self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
         self._new: list[Item] = []  # queued since the last tokenization, not yet in a length bucket
         self._buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
-        self._jobs: list[Job[R]] = []  # a heap by deadline (requests may ask for less than the server's timeout)
+        # Every job until it is answered, for its deadline: those with the server's timeout in arrival order (which is
+        # deadline order), those that asked for less in a heap by deadline.
+        self._jobs: deque[Job[R]] = deque()
+        self._early: list[tuple[float, int, Job[R]]] = []
+        self._count = 0  # ties in the heap break by arrival
         self._size = 0  # queued items not yet taken (some may belong to finished jobs until discarded)
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -132,7 +134,7 @@ class Batcher(Generic[R]):
         """What the batcher's own structures hold now (an idle batcher must hold nothing): for leak checks."""
         return {"queued": self._size, "fifo": len(self._fifo), "new": len(self._new),
                 "buckets": sum(map(len, self._buckets.values())),
-                "jobs": len(self._jobs)}
+                "jobs": len(self._jobs) + len(self._early)}
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         """Start the owner task (and the deadline sweeper); ``on_failure`` hears if either dies."""
@@ -149,7 +151,7 @@ class Batcher(Generic[R]):
         log.critical("batcher task %s died", task.get_name(), exc_info=error)
         self._closing = True  # nothing new is accepted; everything waiting is answered now rather than at 504
         failure = internal_error(new_error_id())
-        for job in self._jobs:
+        for job in [*self._jobs, *(job for _, _, job in self._early)]:
             job.fail(failure)
         if on_failure is not None:
             on_failure(error)
@@ -169,7 +171,11 @@ class Batcher(Generic[R]):
         now = loop.time()
         timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
         job: Job[R] = Job(loop.create_future(), len(texts), now, timeout, request_id, span)
-        heapq.heappush(self._jobs, job)
+        if timeout < self.limits.request_timeout_s:
+            self._count += 1
+            heapq.heappush(self._early, (job.deadline, self._count, job))
+        else:
+            self._jobs.append(job)
         fifo, new = self._fifo, self._new
         for index, text in enumerate(texts):
             item = Item(job, index, text, now)
@@ -390,9 +396,11 @@ class Batcher(Generic[R]):
         """Answer 504 at the deadline even while a long batch runs; forget finished jobs."""
         loop = asyncio.get_running_loop()
         period = min(0.05, self.limits.request_timeout_s / 4)
-        jobs = self._jobs
+        jobs, early = self._jobs, self._early
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             while jobs and (jobs[0].future.done() or jobs[0].deadline <= now):
-                self._expire(heapq.heappop(jobs))
+                self._expire(jobs.popleft())
+            while early and (early[0][2].future.done() or early[0][0] <= now):
+                self._expire(heapq.heappop(early)[2])

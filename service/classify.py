@@ -16,12 +16,12 @@ from .settings import Settings
 
 class ClassifyProtocol:
     def __init__(self, settings: Settings) -> None:
-        self.limits = Limits(settings.max_text_chars, settings.max_texts)
+        self.request = ClassifyRequest.within(Limits(settings.max_text_chars, settings.max_texts))
         self.default_top_k = settings.default_top_k
 
     def parse(self, scope, body: bytes) -> Call:
         try:
-            request = ClassifyRequest.model_validate_json(body, context=self.limits)
+            request = self.request.model_validate_json(body)
         except ValidationError as error:
             raise invalid_request(body, error.errors(include_url=False)) from None
         texts = [request.text] if request.texts is None else request.texts

@@ -5,8 +5,9 @@ share of unknown tokens, predicted class, top probability) and compares each sig
 reference its manifest recorded at export, by the population stability index
 PSI = sum((p - q) * ln(p / q)) over the bins (both shares floored at ``FLOOR`` so an empty bin stays finite).
 A signal alerts above ``alert_psi`` (0.25 by default, the usual "significant shift" rule) once the window holds
-at least ``MIN_SENTENCES`` (or is full, when smaller); until then ``scs_drift_psi`` shows 0. Cost on the hot
-path: one append and four counter updates per sentence.
+at least ``MIN_SENTENCES`` (or is full, when smaller); until then ``scs_drift_psi`` shows 0. It is fed on the model
+thread after each batch (one append and four counter updates per sentence) and read on the event loop; a report
+taken mid-batch may miss that batch's last sentences.
 """
 
 from __future__ import annotations

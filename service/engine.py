@@ -4,7 +4,7 @@ decided, counted and the drift window fed. The engine owns the tokenizer, the ba
 the thresholds and the drift window; nothing outside reaches into them.
 
 A request's sentences are queued as one job, tokenized by the batch queue's owner task (it needs their token
-lengths to group them) and run in length-grouped batches on the model thread. If the awaiting task is cancelled
+lengths to group them) and run in length-grouped batches on the model thread, which also feeds the drift window. If the awaiting task is cancelled
 (the client left), the job's future is cancelled with it and its sentences still queued never run.
 """
 
@@ -74,7 +74,7 @@ class Engine:
                                                                lambda: self.queue_depth) if metrics else None)
         if self.drift is not None and self.metrics is not None:
             self.metrics.watch_drift(self.drift)
-        self.batcher: Batcher[Scores] = Batcher(runtime.run, limits, self.metrics, executor,
+        self.batcher: Batcher[Scores] = Batcher(self._run, limits, self.metrics, executor,
                                                 tracing.batch(runtime.provider) if tracing is not None else None,
                                                 artifact.encoder.encode)
         self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
@@ -106,16 +106,21 @@ class Engine:
                                  "scs.sentences": len(texts)})
         job = self.batcher.submit(texts, request_id, timeout_s, span)
         scores = await job.future
-        ids, truncated = job.ids, job.truncated
-        tops = [s.probabilities[s.ranked[0]] for s in scores]
-        if self.drift is not None:
-            self.drift.observe(ids, [s.ranked[0] for s in scores], tops)
         abstained = None
         if threshold is not None:
-            abstained = [top < threshold for top in tops]
+            abstained = [s.probabilities[s.ranked[0]] < threshold for s in scores]
             if self.metrics is not None and any(abstained):
                 self.metrics.abstain(sum(abstained))
-        return Answer(self.name, self.version, self.labels, scores, truncated, abstained, threshold, self.multi_label)
+        return Answer(self.name, self.version, self.labels, scores, job.truncated, abstained, threshold,
+                      self.multi_label)
+
+    def _run(self, sequences: list[list[int]]) -> list[Scores]:
+        """One batch on the model thread, which also feeds the drift window (after the run, off the event loop)."""
+        scores = self.runtime.run(sequences)
+        if self.drift is not None:
+            classes = [s.ranked[0] for s in scores]
+            self.drift.observe(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])
+        return scores
 
     def threshold(self, min_score: float | None, min_precision: float | None) -> float | None:
         """The abstention threshold a request asks for: its ``min_score``, else the score that reached

@@ -15,14 +15,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from .schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
+from .schemas import TEXT_PATTERN, ClassifyRequest, ClassifyResponse, ErrorResponse
 from .security import OPEN_PATHS
 from .v2 import InferRequest, InferResponse, V2Error
 
-# What schemas.check_text refuses, as one JSON-schema pattern: no C0/C1 control character except tab,
-# newline and carriage return, and at least one character that is not whitespace.
-_CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
-TEXT_PATTERN = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"
 
 _REF = "#/components/schemas/{model}"
 _ERROR = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}

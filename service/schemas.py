@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from contract import SELECTIVE_PRECISIONS
@@ -19,7 +19,15 @@ from contract import SELECTIVE_PRECISIONS
 from .errors import ServiceError
 
 # C0 controls except tab, newline and carriage return; DEL; C1 controls.
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+CONTROL = re.compile(f"[{_CONTROL}]")
+# Invisible format characters (Unicode category Cf: zero-width spaces and joiners, the byte-order mark, ...), as
+# themselves: the same character class reads alike in Rust's regex, Python's and JSON Schema's.
+_INVISIBLE = "".join(chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf")
+# A text that can be classified, as one pattern: no control character other than tab, newline and carriage return,
+# and at least one character that is neither whitespace nor invisible. pydantic checks it in Rust, with the length,
+# so a hot request runs no Python validator per text (``problem_with_text`` says which rule a refused text broke).
+TEXT_PATTERN = f"^[^{_CONTROL}]*[^\\s{_CONTROL}{_INVISIBLE}][^{_CONTROL}]*$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +48,9 @@ class ClassifyRequest(BaseModel):
         {"text": EXAMPLE_TEXT, "model": "banking77", "version": "1"},
     ]}, protected_namespaces=())
 
-    text: str | None = Field(None, description="one sentence")
-    texts: list[str] | None = Field(None, description="several sentences; answers come back in the same order")
+    text: Annotated[str, Field(pattern=TEXT_PATTERN)] | None = Field(None, description="one sentence")
+    texts: Annotated[list[Annotated[str, Field(pattern=TEXT_PATTERN)]], Field(min_length=1)] | None = Field(
+        None, description="several sentences; answers come back in the same order")
     top_k: int | None = Field(None, description="how many classes to list in `probabilities` (default: server's; "
                               "at most the model's class count)")
     model: str | None = Field(None, description="which model of the repository (default: the default model)")
@@ -54,28 +63,6 @@ class ClassifyRequest(BaseModel):
                                         "manifest's `selective` thresholds, for "
                                         + ", ".join(map(str, SELECTIVE_PRECISIONS)) + ": the nearest one at or above "
                                         "it; 422 if this model version has none that high)")
-
-    @field_validator("text")
-    @classmethod
-    def _check_text(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            check_text(value, _limits(info))
-        return value
-
-    @field_validator("texts")
-    @classmethod
-    def _check_texts(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if value is None:
-            return value
-        limits = _limits(info)
-        if not value:
-            raise PydanticCustomError("empty_texts", "texts must hold at least one text")
-        if len(value) > limits.max_texts:
-            raise PydanticCustomError("too_many_texts", "{count} texts; the limit is {limit} per request",
-                                      {"count": len(value), "limit": limits.max_texts})
-        for text in value:
-            check_text(text, limits)
-        return value
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -90,6 +77,15 @@ class ClassifyRequest(BaseModel):
             raise PydanticCustomError("top_k_out_of_range", "top_k must be at least 1")
         return value
 
+    @classmethod
+    def within(cls, limits: Limits) -> type[ClassifyRequest]:
+        """This model with the server's limits on text length and count (checked in Rust, as the pattern is)."""
+        text = Annotated[str, Field(max_length=limits.max_text_chars, pattern=TEXT_PATTERN)]
+        return create_model(cls.__name__, __base__=cls, __doc__=cls.__doc__,
+                            text=(text | None, cls.model_fields["text"]),
+                            texts=(Annotated[list[text], Field(min_length=1, max_length=limits.max_texts)] | None,
+                                   cls.model_fields["texts"]))
+
     @model_validator(mode="after")
     def _one_of(self) -> "ClassifyRequest":
         if (self.text is None) == (self.texts is None):
@@ -98,12 +94,6 @@ class ClassifyRequest(BaseModel):
             raise PydanticCustomError("min_score_or_min_precision", "give at most one of 'min_score' or "
                                       "'min_precision'")
         return self
-
-
-def _limits(info: ValidationInfo) -> Limits:
-    if not isinstance(info.context, Limits):
-        raise RuntimeError("ClassifyRequest must be validated with context=Limits(...)")
-    return info.context
 
 
 def problem_with_text(text: str, max_chars: int) -> tuple[str, str] | None:
@@ -125,12 +115,6 @@ def blank(text: str) -> bool:
     if not stripped or stripped.isascii():
         return not stripped
     return all(char.isspace() or unicodedata.category(char) == "Cf" for char in stripped)
-
-
-def check_text(text: str, limits: Limits) -> None:
-    problem = problem_with_text(text, limits.max_text_chars)
-    if problem:
-        raise PydanticCustomError(*problem)
 
 
 def top_k_out_of_range(num_classes: int) -> ServiceError:
@@ -181,11 +165,33 @@ def error_details(errors: list[dict]) -> list[dict]:
 
 
 def invalid_request(raw: bytes, problems: list[dict]) -> ServiceError:
-    """400 for a body that is not JSON (or not UTF-8), else 422 listing what does not match the schema."""
+    """400 for a body that is not JSON (or not UTF-8), else 422 listing what does not match the schema, the texts'
+    constraints named by the rule they broke."""
     if problems and problems[0]["type"] == "json_invalid":
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as error:
             return ServiceError(400, "invalid_utf8", f"request body is not valid UTF-8 (byte {error.start})")
         return ServiceError(400, "malformed_json", f"request body is not valid JSON: {problems[0]['msg']}")
-    return ServiceError(422, "invalid_request", "the request does not match the schema", error_details(problems))
+    return ServiceError(422, "invalid_request", "the request does not match the schema",
+                        error_details([_named(problem) for problem in problems]))
+
+
+def _named(problem: dict) -> dict:
+    """A text constraint pydantic checked (length, pattern, count) as the rule it is: ``text_too_long``,
+    ``empty_text``, ``control_character``, ``too_many_texts``, ``empty_texts``."""
+    kind, field, value = problem["type"], problem["loc"][:1], problem.get("input")
+    if field not in (("text",), ("texts",)):
+        return problem
+    if kind == "string_too_long":
+        limit = problem["ctx"]["max_length"]
+        return problem | {"type": "text_too_long", "msg": f"text has {len(value)} characters; the limit is {limit}"}
+    if kind == "string_pattern_mismatch" and isinstance(value, str):
+        broken = problem_with_text(value, len(value))
+        return problem | ({"type": broken[0], "msg": broken[1]} if broken else {})
+    if kind == "too_long" and problem["loc"] == ("texts",):
+        return problem | {"type": "too_many_texts", "msg": f"{len(value)} texts; the limit is "
+                                                           f"{problem['ctx']['max_length']} per request"}
+    if kind == "too_short" and problem["loc"] == ("texts",):
+        return problem | {"type": "empty_texts", "msg": "texts must hold at least one text"}
+    return problem
