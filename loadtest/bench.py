@@ -401,8 +401,13 @@ def machine(args) -> dict:
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
         "pinning": pinning, "versions": ", ".join(versions),
-        "model": f"{manifest.name} v{manifest.version} ({shown}; embedding {config.get('embedding_dim', '?')}, "
-                 f"hidden {config.get('hidden_size', '?')}, {manifest.num_classes} classes)",
+        "model": (f"{manifest.name} v{manifest.version} ({shown}; embedding {config.get('embedding_dim', '?')}, "
+                  f"hidden {config.get('hidden_size', '?')}, {manifest.num_classes} classes)"
+                  if manifest.model_kind == "lstm" else
+                  f"{manifest.name} v{manifest.version} ({shown}; imported {manifest.training.get('model_type', '?')} "
+                  f"encoder, {config.get('num_hidden_layers', '?')} layers, hidden {config.get('hidden_size', '?')}, "
+                  f"{manifest.num_classes} classes)"),
+        "model_kind": manifest.model_kind,
         "mix": (f"{100 - args.multi_percent}% one text, {args.multi_percent}% 2-{args.multi_max} texts"
                 if args.multi_percent else f"{args.texts} text{'s' if args.texts > 1 else ''} per request")
                + f" ({args.mean_sentences:.2f} sentences per request on average), sentences from {args.data.name}",

@@ -240,12 +240,14 @@ class Server:
 
     def thread_cpu_seconds(self) -> dict[str, float]:
         """CPU seconds by thread role over the whole process tree: each process's main thread runs its event loop,
-        its other threads run the model (onnxruntime and the batch's numpy work)."""
+        its other threads run the model (onnxruntime and the batch's numpy work). The other threads' share is the
+        process's time less the main thread's, so threads that ended (a thread pool's) still count."""
         split = {"event_loop": 0.0, "model": 0.0}
         try:
             for proc in self._tree():
-                for thread in proc.threads():
-                    split["event_loop" if thread.id == proc.pid else "model"] += thread.user_time + thread.system_time
+                main = next((t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid), 0.0)
+                split["event_loop"] += main
+                split["model"] += max(0.0, sum(proc.cpu_times()[:2]) - main)
         except psutil.Error:
             pass
         return split

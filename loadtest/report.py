@@ -46,6 +46,14 @@ def ceilings(run: dict) -> dict[str, float]:
     return found
 
 
+def batching_gain(run: dict) -> float | None:
+    """The model's own gain from batching in process: its best length-grouped batch over batch 1, sentences/s,
+    tokenization included (what a server's batching can at most win over one run per request)."""
+    rows = [r for r in (run.get("ceiling") or {}).get("rows", []) if r["tokenize"]]
+    one = next((r["sentences_per_s"] for r in rows if r["batch"] == 1), None)
+    return max(r["sentences_per_s"] for r in rows) / one if rows and one else None
+
+
 def bars(run: dict) -> list[dict]:
     """The performance bars this run can judge: each with its value and passed True/False, or None when the run
     did not measure what it needs."""
@@ -93,6 +101,18 @@ def bars(run: dict) -> list[dict]:
             share = traced["rps"] / on["rps"]
             bar(f"c=64: {title} >= {floor:.0%} of tracing off", f"{share:.3f}x ({traced['rps']:,.0f} / "
                 f"{on['rps']:,.0f} req/s)", share >= floor)
+    gain = batching_gain(run)
+    on64, naive64 = at(points, "on", 64), at(points, "naive", 64)
+    if gain and on64 and naive64 and run["meta"].get("model_kind") == "encoder":
+        share = on64["rps"] / naive64["rps"] / gain
+        bar("encoder, c=64: on / naive >= 0.9x the model's in-process batching gain (best length-grouped batch "
+            "over batch 1, with tokenization)", f"{share:.2f}x (on / naive {on64['rps'] / naive64['rps']:.2f}, "
+            f"gain {gain:.2f})", share >= 0.9)
+        ons = [(level, at(points, "on", level), at(points, "naive", level)) for level in levels]
+        ons = [(level, a, b) for level, a, b in ons if a and b]
+        bar("encoder: on >= naive at every concurrency",
+            ", ".join(f"c={level}: {a['rps'] / b['rps']:.2f}" for level, a, b in ons),
+            all(a["rps"] >= b["rps"] for _, a, b in ons))
     peers = [name for name in run.get("peers", []) if closed(points, name)]
     if peers:
         ratios = []
