@@ -134,11 +134,11 @@ def test_ctrl_c_stops_cleanly_without_a_traceback(service_factory, test_artifact
 
 @pytest.mark.slow
 def test_a_fractional_graceful_timeout_is_one_deadline(test_artifact, tmp_path):
-    """Every model run takes 3 s; with SCS_GRACEFUL_TIMEOUT_S=0.6 a SIGTERM during a run stops the process after
-    about 0.6 s (not 0 s, as int(0.6) once made it, nor 2 x 0.6 s of stacked waits, nor the 3 s run), exit 1:
-    shutdown gave up on work it had accepted."""
+    """Every model run takes 10 s; with SCS_GRACEFUL_TIMEOUT_S=0.6 a SIGTERM during a run stops the process after
+    0.6 s or a little more (not 0 s, as int(0.6) once made it, nor the 10 s run), exit 1: shutdown gave up on work it
+    had accepted."""
     slow = ("import itertools, time, service.runtime as r\nrun, calls = r.Runtime.run, itertools.count()\n"
-            "r.Runtime.run = lambda self, s: (next(calls) >= 5 and time.sleep(3), run(self, s))[1]  # after warm-up")
+            "r.Runtime.run = lambda self, s: (next(calls) >= 5 and time.sleep(10), run(self, s))[1]  # after warm-up")
     svc = start_service(test_artifact, tmp_path / "service.log", argv=with_fault(slow), ready_timeout=90,
                         GRACEFUL_TIMEOUT_S=0.6)
     try:
@@ -155,7 +155,7 @@ def test_a_fractional_graceful_timeout_is_one_deadline(test_artifact, tmp_path):
     finally:
         svc.stop(signal.SIGKILL)
     assert code == 1, svc.log.read_text()[-2000:]
-    assert 0.6 <= took < 2.0, took
+    assert 0.6 <= took < 8.0, took  # it did not wait for the run
     assert "did not finish within graceful_timeout_s" in svc.log.read_text()
 
 
