@@ -237,7 +237,7 @@ def test_benchmarks_section_is_replaced_not_appended(tmp_path: Path) -> None:
 def test_soak_checks_every_mode(tmp_path: Path) -> None:
     """A few seconds per mode: no errors and RSS flat (the bars of `make soak`, on the test artifact). The p99 bar is
     a latency figure, for `make soak` to judge: over 1 s windows on a shared machine it is noise, so it is off here."""
-    result = run_cli("loadtest.soak", "--model-dir", str(TEST_ARTIFACT), "--seconds", "2", "--max-p99-ratio", "inf",
+    result = run_cli("loadtest.soak", "--model-dir", str(TEST_ARTIFACT), "--seconds", "3", "--max-p99-ratio", "inf",
                      "--log", str(tmp_path / "service.log"), timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     figures = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
