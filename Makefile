@@ -22,6 +22,11 @@ help:
 	@echo "make overload   3x capacity for 60 s against a fresh service: no hangs, 503 + Retry-After, recovery (~2 min)"
 	@echo "make soak       each mode (batching on, off, 8 texts) for SOAK_SECONDS (30) at 8 clients: no errors, flat RSS and p99"
 
+# Python keeps what it compiles: where the environment says not to (PYTHONDONTWRITEBYTECODE), every process that
+# imports torch, transformers or the service would compile them again from source, and the installs below leave
+# compiling to the first import.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -75,10 +80,9 @@ $(ENCODER_ARTIFACT)/manifest.json: $(VENV)/.all tests/hf_models.py model_export/
 
 encoder-artifact: $(ENCODER_ARTIFACT)/manifest.json
 
-# The suite runs on PYTEST_WORKERS processes (pytest-xdist; much of it waits on servers and subprocesses, so one
-# more process than the 2 cores keeps them busy: the fast lane took 126 s on 2 processes, 112 s on 3, on 2 cores).
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; much of it waits on servers and subprocesses).
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 # Every test. The virtualenvs some tests need besides .venv (tests/venvs.py: the extras installed alone, the kserve

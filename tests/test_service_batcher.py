@@ -427,6 +427,7 @@ def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, 
         for action, value in actions:
             if action == "submit":
                 request = [[next(tags)] + [7] * (length - 1) for length in value]
+                submitted = loop.time()  # before submit, which takes the deadline from its own reading
                 try:
                     job = batcher.submit(request)
                 except QueueFull:
@@ -434,7 +435,7 @@ def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, 
                     continue
                 ended: list[float] = []
                 job.future.add_done_callback(lambda _, ended=ended: ended.append(loop.time()))
-                jobs.append((request, job, loop.time(), ended))
+                jobs.append((request, job, submitted, ended))
             elif action == "leave" and jobs:
                 index = value % len(jobs)
                 taken = await settle()

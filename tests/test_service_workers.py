@@ -18,7 +18,13 @@ from service.workers import cpus_allowed
 
 
 def workers_of(svc) -> list[psutil.Process]:
-    return [p for p in psutil.Process(svc.process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    """The supervisor's live workers (one that just exited may be a zombie until the supervisor reaps it)."""
+    def is_worker(process: psutil.Process) -> bool:
+        try:
+            return "spawn_main" in " ".join(process.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return False
+    return [p for p in psutil.Process(svc.process.pid).children() if is_worker(p)]
 
 
 def test_the_default_is_the_cpus_this_process_may_use():
