@@ -496,7 +496,8 @@ def test_the_kserve_grpc_client_works_unmodified(served, kserve_python):
 @pytest.mark.slow
 def test_every_worker_serves_grpc_on_the_one_port(tmp_path):
     svc = start_service(TEST_ARTIFACT, tmp_path / "service.log", WORKERS=2, ACCESS_LOG="true")
-    try:
+    try:  # ready means one worker serves; the other joins the port's group once warm
+        assert wait_for(lambda: svc.log.read_text().count('"message":"grpc serving"') == 2, 60)
         for index in range(16):  # a channel each: a connection each, spread by the kernel over the group
             with grpc.insecure_channel(svc.grpc, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
