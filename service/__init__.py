@@ -5,5 +5,5 @@ import os
 __version__ = "0.2.0"
 
 # Each server process runs one event loop, the batch queue's tokenizing included, on about one core: the tokenizer's
-# own thread pool would only spin beside it (measured: README, "Hot path"). A value set by the user wins.
+# own thread pool would only spin beside it (README, "Hot path"). A value set by the user wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,7 +9,7 @@ whose other sentences failed is never run. A failing run fails only the requests
 
 Texts are queued as they come and tokenized by the owner task, all that arrived since its last batch in one call,
 just before it groups them: one tokenizer call per batch rather than per request, whose tables stay in cache
-(measured: README, "Hot path").
+(README, "Hot path").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ drain that answers every request a client sent.
   opening or of its previous answer, or it is closed. uvicorn alone waits forever for a first request or
   for the rest of a partial one (slowloris); its keep-alive timeout only covers idle time after an answer. Each
   connection only notes when its deadline falls; one sweep a server checks them all every ``SWEEP_S`` (at most a
-  quarter of the timeout), rather than a timer set and cancelled per request (measured: README, "Hot path").
+  quarter of the timeout), rather than a timer set and cancelled per request (README, "Hot path").
 - Disconnect notice: ASGI tells an app that its client left only through a pending ``receive()``, which
   costs the app a watcher task per request. This protocol offers the ASGI server extension
   ``scope["extensions"][DISCONNECT_NOTICE]``: call it with a callback, and the callback runs if the
