@@ -28,6 +28,8 @@ from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
 
 log = logging.getLogger("service.engine")
+# (texts, their scores, abstained, the request's min_score and min_precision) of each answered request
+ShadowHook = Callable[[list[str], list[Scores], list[bool] | None, float | None, float | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,20 @@ class Answer:
         """A multi-label answer's labels for sentence ``index``: those at or above the threshold, most likely first."""
         scores, threshold = self.scores[index], self.threshold
         return [i for i in scores.ranked if scores.probabilities[i] >= threshold] if threshold is not None else []
+
+
+class ModelTime:
+    """Model-thread seconds and sentences per padded batch size (powers of two): what a shadow's latency ratio
+    compares at like batch sizes. Fixed lists, written by the model thread only, read from the event loop."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0] * 40
+        self.sentences = [0] * 40
+
+    def add(self, sequences: list[list[int]], seconds: float) -> None:
+        bucket = min(39, (max(map(len, sequences)) * len(sequences)).bit_length())
+        self.seconds[bucket] += seconds
+        self.sentences[bucket] += len(sequences)
 
 
 class Engine:
@@ -78,6 +94,9 @@ class Engine:
                                                 tracing.batch(runtime.provider) if tracing is not None else None,
                                                 artifact.encoder.encode)
         self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
+        self.model_time = ModelTime()
+        # Set while a candidate shadows this version (service.rollout): hears every answered request.
+        self.shadow: ShadowHook | None = None
 
     @property
     def provider(self) -> str:
@@ -111,12 +130,16 @@ class Engine:
             abstained = [s.probabilities[s.ranked[0]] < threshold for s in scores]
             if self.metrics is not None and any(abstained):
                 self.metrics.abstain(sum(abstained))
+        if self.shadow is not None:
+            self.shadow(texts, scores, abstained, min_score, min_precision)
         return Answer(self.name, self.version, self.labels, scores, job.truncated, abstained, threshold,
                       self.multi_label)
 
     def _run(self, sequences: list[list[int]]) -> list[Scores]:
         """One batch on the model thread, which also feeds the drift window (after the run, off the event loop)."""
+        started = time.perf_counter()
         scores = self.runtime.run(sequences)
+        self.model_time.add(sequences, time.perf_counter() - started)
         if self.drift is not None:
             classes = [s.ranked[0] for s in scores]
             self.drift.observe(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])
