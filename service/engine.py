@@ -54,16 +54,19 @@ class Answer:
 
 
 class ModelTime:
-    """Model-thread seconds and sentences per padded batch size (powers of two): what a shadow's latency ratio
-    compares at like batch sizes. Fixed lists, written by the model thread only, read from the event loop."""
+    """Model-thread seconds, padded tokens and sentences per batch size (powers of two): what a shadow's latency
+    ratio compares, per padded token at like batch sizes (an LSTM's run costs about longest x (a + b x count)).
+    Fixed lists, written by the model thread only, read from the event loop."""
 
     def __init__(self) -> None:
-        self.seconds = [0.0] * 40
-        self.sentences = [0] * 40
+        self.seconds = [0.0] * 16
+        self.tokens = [0] * 16
+        self.sentences = [0] * 16
 
     def add(self, sequences: list[list[int]], seconds: float) -> None:
-        bucket = min(39, (max(map(len, sequences)) * len(sequences)).bit_length())
+        bucket = min(15, len(sequences).bit_length())
         self.seconds[bucket] += seconds
+        self.tokens[bucket] += max(map(len, sequences)) * len(sequences)
         self.sentences[bucket] += len(sequences)
 
 
@@ -95,6 +98,9 @@ class Engine:
                                                 artifact.encoder.encode)
         self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
         self.model_time = ModelTime()
+        # On the CPU the model thread's own CPU time: with one intra-op thread the run's whole cost, without the waits
+        # for the GIL or the core that a busy event loop adds (they swamp a small batch's time); on a GPU, wall time.
+        self._clock = time.perf_counter if runtime.provider == "CUDAExecutionProvider" else time.thread_time
         # Set while a candidate shadows this version (service.rollout): hears every answered request.
         self.shadow: ShadowHook | None = None
 
@@ -137,9 +143,9 @@ class Engine:
 
     def _run(self, sequences: list[list[int]]) -> list[Scores]:
         """One batch on the model thread, which also feeds the drift window (after the run, off the event loop)."""
-        started = time.perf_counter()
+        started = self._clock()
         scores = self.runtime.run(sequences)
-        self.model_time.add(sequences, time.perf_counter() - started)
+        self.model_time.add(sequences, self._clock() - started)
         if self.drift is not None:
             classes = [s.ranked[0] for s in scores]
             self.drift.observe(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])

@@ -90,8 +90,8 @@ class Metrics:
         self.shadow_abstention = Gauge("scs_shadow_abstention_rate", "abstention rate over the compared sentences, "
                                        "of the live version and of the candidate", [*MODEL, "side"], registry=r,
                                        multiprocess_mode="livemax")
-        self.shadow_latency_ratio = Gauge("scs_shadow_latency_ratio", "candidate's model time per sentence over the "
-                                          "live version's at the same padded batch sizes", MODEL, registry=r,
+        self.shadow_latency_ratio = Gauge("scs_shadow_latency_ratio", "candidate's model time over the live "
+                                          "version's for as many padded tokens, in batches of like size", MODEL, registry=r,
                                           multiprocess_mode="livemax")
         self.rollout_decisions = Counter("scs_rollout_decisions_total", "candidates decided, by decision: promoted, "
                                          "canary (the gate passed, on to the canary), refused, aborted",

@@ -58,8 +58,8 @@ class GatePolicy(_Strict):
     min_sentences: int = Field(ge=1, le=10_000_000, description="sentences compared before the gate decides")
     min_agreement: float = Field(ge=0, le=1, description="share of sentences whose most likely class is the same")
     max_abstention_increase: float = Field(ge=0, le=1, description="candidate's abstention rate minus the live one's")
-    max_latency_ratio: float | None = Field(None, gt=0, description="candidate's model time per sentence over the "
-                                            "live version's, at the same padded batch sizes")
+    max_latency_ratio: float | None = Field(None, gt=0, description="candidate's model time over the live "
+                                            "version's for as many padded tokens, in batches of like size")
     timeout_s: float = Field(600.0, gt=0, le=7 * 86400, description="refused when not decided by then")
 
 
@@ -262,16 +262,16 @@ class Shadow:
         return (self.live_abstained if side == "live" else self.candidate_abstained) / self.compared
 
     def latency_ratio(self) -> float | None:
-        """Candidate's model time over what the live version took per sentence at the same padded batch sizes
+        """Candidate's model time over what the live version took for as many padded tokens in batches of like size
         (as of the decision, once decided: a promoted candidate's time goes on counting live batches)."""
         if self.ended is not None:
             return self._final_ratio
         mine, theirs = self.candidate.model_time, self.live.model_time
         spent = expected = 0.0
-        for bucket, (seconds, sentences) in enumerate(zip(mine.seconds, mine.sentences)):
-            if sentences and theirs.sentences[bucket]:
+        for bucket, (seconds, tokens) in enumerate(zip(mine.seconds, mine.tokens)):
+            if tokens and theirs.tokens[bucket]:
                 spent += seconds
-                expected += sentences * theirs.seconds[bucket] / theirs.sentences[bucket]
+                expected += tokens * theirs.seconds[bucket] / theirs.tokens[bucket]
         return spent / expected if expected > 0 else None
 
     def candidate_ms(self) -> float | None:
