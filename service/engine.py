@@ -28,6 +28,8 @@ from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
 
 log = logging.getLogger("service.engine")
+# (texts, their scores, abstained, the request's min_score and min_precision) of each answered request
+ShadowHook = Callable[[list[str], list[Scores], list[bool] | None, float | None, float | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,23 @@ class Answer:
         """A multi-label answer's labels for sentence ``index``: those at or above the threshold, most likely first."""
         scores, threshold = self.scores[index], self.threshold
         return [i for i in scores.ranked if scores.probabilities[i] >= threshold] if threshold is not None else []
+
+
+class ModelTime:
+    """Model-thread seconds, padded tokens and sentences per batch size (powers of two): what a shadow's latency
+    ratio compares, per padded token at like batch sizes (an LSTM's run costs about longest x (a + b x count)).
+    Fixed lists, written by the model thread only, read from the event loop."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0] * 16
+        self.tokens = [0] * 16
+        self.sentences = [0] * 16
+
+    def add(self, sequences: list[list[int]], seconds: float) -> None:
+        bucket = min(15, len(sequences).bit_length())
+        self.seconds[bucket] += seconds
+        self.tokens[bucket] += max(map(len, sequences)) * len(sequences)
+        self.sentences[bucket] += len(sequences)
 
 
 class Engine:
@@ -78,6 +97,12 @@ class Engine:
                                                 tracing.batch(runtime.provider) if tracing is not None else None,
                                                 artifact.encoder.encode)
         self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
+        self.model_time = ModelTime()
+        # On the CPU the model thread's own CPU time: with one intra-op thread the run's whole cost, without the waits
+        # for the GIL or the core that a busy event loop adds (they swamp a small batch's time); on a GPU, wall time.
+        self._clock = time.perf_counter if runtime.provider == "CUDAExecutionProvider" else time.thread_time
+        # Set while a candidate shadows this version (service.rollout): hears every answered request.
+        self.shadow: ShadowHook | None = None
 
     @property
     def provider(self) -> str:
@@ -111,12 +136,16 @@ class Engine:
             abstained = [s.probabilities[s.ranked[0]] < threshold for s in scores]
             if self.metrics is not None and any(abstained):
                 self.metrics.abstain(sum(abstained))
+        if self.shadow is not None:
+            self.shadow(texts, scores, abstained, min_score, min_precision)
         return Answer(self.name, self.version, self.labels, scores, job.truncated, abstained, threshold,
                       self.multi_label)
 
     def _run(self, sequences: list[list[int]]) -> list[Scores]:
         """One batch on the model thread, which also feeds the drift window (after the run, off the event loop)."""
+        started = self._clock()
         scores = self.runtime.run(sequences)
+        self.model_time.add(sequences, self._clock() - started)
         if self.drift is not None:
             classes = [s.ranked[0] for s in scores]
             self.drift.observe(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])

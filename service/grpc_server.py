@@ -37,6 +37,7 @@ from .grpc_messages import (HEALTH, SERVICE, HealthCheckRequest, HealthCheckResp
                             ServerLiveResponse, ServerMetadataResponse, ServerReadyResponse)
 from .grpc_v2 import GrpcV2Protocol, parsed, status_of
 from .lifecycle import Phase, ServiceState
+from .rollout import load_parameters
 from .routes import change_repository, model_metadata_of, repository_index
 from .v2 import SERVER_METADATA
 
@@ -221,7 +222,10 @@ class GrpcServer:
     async def repository_load(self, body: bytes, context):
         request = parsed(RepositoryModelLoadRequest, body)
         repository = self.state.repository
-        await change_repository(self.state, lambda: repository.load_model(request.model_name))
+        parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                      for key, value in request.parameters.items()} if request.parameters else None
+        await change_repository(self.state, lambda: repository.load_model(request.model_name,
+                                                                          load_parameters(parameters)))
         return RepositoryModelLoadResponse()
 
     async def repository_unload(self, body: bytes, context):

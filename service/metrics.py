@@ -77,6 +77,27 @@ class Metrics:
             self.trace_spans.labels(outcome)
         self.traces_skipped = Counter("scs_traces_skipped_total", "requests not traced because the span export was "
                                       "backed up (queue full, or the collector failing)", registry=r)
+        # Rollouts (service/rollout.py): version is the candidate's; gauges read the evaluation at scrape time.
+        self.shadow_sentences = Counter("scs_shadow_sentences_total", "live sentences copied to a candidate in "
+                                        "shadow, by outcome: compared, or shed (dropped under load, expired)",
+                                        [*MODEL, "outcome"], registry=r)
+        self.shadow_agreement = Gauge("scs_shadow_agreement", "share of compared sentences on which the candidate's "
+                                      "most likely class is the live version's", MODEL, registry=r,
+                                      multiprocess_mode="livemax")
+        self.shadow_shift = Gauge("scs_shadow_probability_shift", "largest absolute change of any class's "
+                                  "probability per compared sentence: mean and p99", [*MODEL, "stat"], registry=r,
+                                  multiprocess_mode="livemax")
+        self.shadow_abstention = Gauge("scs_shadow_abstention_rate", "abstention rate over the compared sentences, "
+                                       "of the live version and of the candidate", [*MODEL, "side"], registry=r,
+                                       multiprocess_mode="livemax")
+        self.shadow_latency_ratio = Gauge("scs_shadow_latency_ratio", "candidate's model time over the live "
+                                          "version's for as many padded tokens, in batches of like size", MODEL, registry=r,
+                                          multiprocess_mode="livemax")
+        self.rollout_decisions = Counter("scs_rollout_decisions_total", "candidates decided, by decision: promoted, "
+                                         "canary (the gate passed, on to the canary), refused, aborted",
+                                         [*MODEL, "decision"], registry=r)
+        self.canary_requests = Counter("scs_canary_requests_total", "requests without a version answered during a "
+                                       "canary split, per version", MODEL, registry=r)
         self._request_children: dict[tuple[str, str, int | str], tuple[Counter, Histogram]] = {}
         self._reject_children: dict[tuple[str, str, str], Counter] = {}
 

@@ -12,6 +12,11 @@ loaded and warmed up *before* it enters the table; the versions it replaces leav
 released after their queues drain. A version that fails its checks is refused and logged with the file and the
 reason, counted (``scs_model_load_failures_total``) and not tried again until its files change; what was
 serving keeps serving.
+
+With a rollout policy (``model.json``'s ``rollout``, or the load call's parameter) a new version becomes a
+*candidate* instead (``service.rollout``): loaded and warmed up the same way, then in shadow and/or canary while the
+versions it would replace keep serving; promoted with the same swap, or refused (and then treated as a version that
+failed its checks: not tried again until its files change or the load call asks).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from . import memory
 from .engine import Engine
 from .errors import ServiceError, not_found
 from .metrics import Metrics
+from .rollout import Rollout, Shadow
 from .runtime import Runtime, load_runtime
 from .settings import Settings, VersionPolicy
 
@@ -85,6 +91,9 @@ class Repository:
         self.refused: dict[tuple[str, int], Refused] = {}
         self.unloaded: set[str] = set()  # unloaded through the API: the poll leaves them alone until loaded again
         self.retiring: set[asyncio.Task] = set()
+        self.candidates: dict[str, Shadow] = {}  # model -> its candidate version (in shadow or canary)
+        self.evaluations: dict[tuple[str, str], Shadow] = {}  # the last rollout of each version, decided or not
+        self.judging: set[asyncio.Task] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one model thread for every engine
         # Versions are loaded and released on one thread of their own, one at a time, so each load's memory figure
         # (the heap it allocated) is never blurred by another load or release (README, "Memory").
@@ -103,14 +112,39 @@ class Repository:
             return VersionPolicy("specific", versions=(int(settings.model_dir.name),))
         if settings.model_version is not None:
             return VersionPolicy("specific", versions=(settings.model_version,))
-        own = self.models[name] / "model.json"
-        if own.is_file():
+        own = self.model_json(name)
+        if "version_policy" in own:
             try:
-                return VersionPolicy.parse(json.loads(own.read_text(encoding="utf-8"))["version_policy"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise ArtifactError(f"{own}: expected {{\"version_policy\": \"latest:N | all | specific:1,2\"}} "
-                                    f"({error})") from None
+                return VersionPolicy.parse(own["version_policy"])
+            except (ValueError, TypeError) as error:
+                raise ArtifactError(f"{self.models[name] / 'model.json'}: expected {{\"version_policy\": "
+                                    f"\"latest:N | all | specific:1,2\"}} ({error})") from None
         return VersionPolicy.parse(settings.version_policy)
+
+    def model_json(self, name: str) -> dict:
+        """The model folder's own ``model.json`` ({} without one); ``ArtifactError`` when it is not a JSON object
+        of the known keys."""
+        own = self.models[name] / "model.json"
+        if self.kind == "version" or not own.is_file():
+            return {}
+        try:
+            found = json.loads(own.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ArtifactError(f"{own}: not valid JSON ({error})") from None
+        if not isinstance(found, dict) or set(found) - {"version_policy", "rollout"}:
+            raise ArtifactError(f"{own}: expected an object with \"version_policy\" and/or \"rollout\" (got "
+                                f"{sorted(found) if isinstance(found, dict) else type(found).__name__})")
+        return found
+
+    def rollout_policy(self, name: str) -> Rollout | None:
+        """The model's rollout policy (``model.json``), or None: new versions swap in at once."""
+        own = self.model_json(name)
+        if "rollout" not in own:
+            return None
+        try:
+            return Rollout.parse(own["rollout"], f"{self.models[name] / 'model.json'}: rollout")
+        except ValueError as error:
+            raise ArtifactError(str(error)) from None
 
     def wanted(self, name: str) -> list[int]:
         folder = self.models[name]
@@ -212,46 +246,67 @@ class Repository:
         if not versions:
             raise not_found(f"model {name[:100]!r} is not served (served: {', '.join(sorted(self.engines)) or 'none'})")
         if version is None:
-            return versions[max(versions)]
+            live = versions[max(versions)]
+            if self.candidates:  # one dict lookup more, only while some model has a candidate
+                candidate = self.candidates.get(name)
+                if candidate is not None and candidate.stage == "canary":
+                    return candidate.pick(live)  # the whole request, one version
+            return live
         number = contract.parse_version(version)
         if number not in versions:
+            candidate = self.candidates.get(name)
+            if candidate is not None and number is not None and str(number) == candidate.version:
+                if candidate.stage == "canary":
+                    return candidate.candidate
+                raise not_found(f"model {name!r} version {number} is a candidate in shadow: it answers no client "
+                                "until it is promoted")
             raise not_found(f"model {name!r} has no version {version[:40]!r} served (served: "
                             f"{', '.join(map(str, sorted(versions)))})")
         return versions[number]
 
-    async def sync(self, only: str | None = None, retry_refused: bool = False) -> dict:
-        """Bring the routing table to what the repository and the policies say now: load, warm up and add new
-        versions, then retire the ones no longer wanted. A refused version is tried again only once its files
-        changed, or with ``retry_refused`` (the load API). Returns what changed (for the load API and the log)."""
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by every change of the routing table that awaits (sync, a candidate's promotion)."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            changes: dict = {"loaded": [], "retired": [], "refused": []}
+        return self._lock
+
+    async def sync(self, only: str | None = None, retry_refused: bool = False, rollout: Rollout | None = None) -> dict:
+        """Bring the routing table to what the repository and the policies say now: load, warm up and add new
+        versions, then retire the ones no longer wanted. A refused version is tried again only once its files
+        changed, or with ``retry_refused`` (the load API). With a rollout policy (``rollout``, else the model's
+        own) the newest new version of a served model becomes its candidate instead, and nothing retires until it
+        is decided. Returns what changed (for the load API and the log)."""
+        async with self.lock:
+            changes: dict = {"loaded": [], "retired": [], "refused": [], "candidates": []}
             if only:
                 self.unloaded.discard(only)
             for name in [only] if only else [n for n in self.models if n not in self.unloaded]:
                 try:
                     wanted = set(self.wanted(name))
+                    policy = rollout or self.rollout_policy(name)
                 except (ArtifactError, OSError) as error:
                     changes["refused"].append({"model": name, "reason": str(error)})
                     continue
                 self._forget_deleted(name)
                 current = self.engines.get(name, {})
-                for version in sorted(wanted - set(current)):
-                    state = fingerprint(self.models[name] / str(version))
-                    refused = self.refused.get((name, version))
-                    if refused and not retry_refused and refused.fingerprint == state:
-                        continue  # unchanged since it was refused
-                    try:
-                        engine = await asyncio.get_running_loop().run_in_executor(self.loader, self.load, name,
-                                                                                  version)
-                        engine.start(self.on_failure)
-                        await engine.warm_up()
-                    except Exception as error:  # a broken artifact, or a warm-up that fails: refused either way
-                        self.refuse(name, version, error, state)
-                        changes["refused"].append({"model": name, "version": version, "reason": str(error)})
+                pending = self.candidates.get(name)
+                if pending is not None:
+                    if int(pending.version) in wanted:
+                        continue  # under evaluation: this model changes when it is decided
+                    self.end_candidate(name, "aborted", "no longer chosen by the version policy")
+                new = sorted(wanted - set(current))
+                if policy is not None and current and new:
+                    engine = await self._open(name, new[-1], retry_refused, changes)
+                    if engine is not None:
+                        self._begin(name, engine, policy)
+                        changes["candidates"].append({"model": name, "version": new[-1],
+                                                      "stage": self.candidates[name].stage})
+                    continue  # what serves keeps serving until the candidate is decided
+                for version in new:
+                    engine = await self._open(name, version, retry_refused, changes)
+                    if engine is None:
                         continue
-                    self.refused.pop((name, version), None)
                     self.engines.setdefault(name, {})[version] = engine
                     self.changed()
                     changes["loaded"].append({"model": name, "version": version})
@@ -270,12 +325,32 @@ class Repository:
                     changes["retired"].append({"model": name, "version": version})
             return changes
 
-    async def load_model(self, name: str) -> dict:
-        """The load API: (re)load ``name``'s versions as its policy chooses, refused ones included. A 404
+    async def _open(self, name: str, version: int, retry_refused: bool, changes: dict) -> Engine | None:
+        """Check, load, start and warm up one version; None when it is refused (now, or before and unchanged)."""
+        state = fingerprint(self.models[name] / str(version))
+        refused = self.refused.get((name, version))
+        if refused and not retry_refused and refused.fingerprint == state:
+            return None  # unchanged since it was refused
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(self.loader, self.load, name, version)
+            engine.start(self.on_failure)
+            await engine.warm_up()
+        except Exception as error:  # a broken artifact, or a warm-up that fails: refused either way
+            self.refuse(name, version, error, state)
+            changes["refused"].append({"model": name, "version": version, "reason": str(error)})
+            return None
+        self.refused.pop((name, version), None)
+        return engine
+
+    async def load_model(self, name: str, rollout: Rollout | None = None) -> dict:
+        """The load API: (re)load ``name``'s versions as its policy chooses, refused ones included; with
+        ``rollout`` (the call's parameter, over ``model.json``'s) a new version becomes a candidate. A 404
         ``ServiceError`` for a model the repository does not hold, a 400 when a wanted version does not load."""
-        if name not in self.models:
-            raise not_found(f"model {name[:100]!r} is not in the repository")
-        changes = await self.sync(name, retry_refused=True)
+        self._known(name)
+        changes = await self.sync(name, retry_refused=True, rollout=rollout)
+        pending = self.candidates.get(name)
+        if pending is not None and not changes["candidates"]:
+            changes["candidates"].append({"model": name, "version": int(pending.version), "stage": pending.stage})
         serving = sorted(self.engines.get(name, {}))
         if changes["refused"] or not serving:
             reasons = "; ".join(r["reason"] for r in changes["refused"]) or "no version chosen by the policy"
@@ -289,11 +364,16 @@ class Repository:
             if not (self.models[name] / str(key[1])).is_dir():
                 del self.refused[key]
 
-    async def unload(self, name: str) -> dict:
-        """Stop serving every version of ``name`` (its queued work finishes first)."""
+    def _known(self, name: str) -> None:
         if name not in self.models:
             raise not_found(f"model {name[:100]!r} is not in the repository")
+
+    async def unload(self, name: str) -> dict:
+        """Stop serving every version of ``name`` (its queued work finishes first); a candidate is aborted."""
+        self._known(name)
         self.unloaded.add(name)
+        if name in self.candidates:
+            self.end_candidate(name, "aborted", "the model was unloaded")
         retired = [{"model": name, "version": v} for v in sorted(self.engines.get(name, {}))]
         for version in list(self.engines.get(name, {})):
             self.retire(name, version)
@@ -305,10 +385,116 @@ class Repository:
         if not self.engines[name]:
             del self.engines[name]
         self.changed()
-        task = asyncio.get_running_loop().create_task(self._release(engine), name=f"retire-{name}-{version}")
+        self._release_later(engine)
+        log.info("retiring model version", extra={"fields": {"model": name, "version": version}})
+
+    def _release_later(self, engine: Engine) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(engine),
+                                                      name=f"retire-{engine.name}-{engine.version}")
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
-        log.info("retiring model version", extra={"fields": {"model": name, "version": version}})
+
+    # --- candidates (service.rollout) -------------------------------------------------------------------------
+
+    def _begin(self, name: str, engine: Engine, policy: Rollout) -> None:
+        """A loaded, warm version becomes ``name``'s candidate against its newest served version."""
+        versions = self.engines[name]
+        live = versions[max(versions)]
+        shadow = Shadow(live, engine, policy, self.settings.shadow_share, self.settings.shadow_queue, self.metrics)
+        self.candidates[name] = self.evaluations[(name, engine.version)] = shadow
+        if shadow.stage == "shadow":
+            live.shadow = shadow.copy
+        if policy.gate is not None:
+            task = asyncio.get_running_loop().create_task(self._judge(name, shadow), name=f"gate-{name}")
+            self.judging.add(task)
+            task.add_done_callback(self.judging.discard)
+        log.info("candidate model version", extra={"fields": {"model": name, "version": engine.version,
+                                                              "stage": shadow.stage, "live_version": live.version,
+                                                              "policy": policy.model_dump(exclude_none=True)}})
+
+    async def _judge(self, name: str, shadow: Shadow) -> None:
+        """The gate's verdict: promoted (or on to the canary), or refused with each failed criterion."""
+        passed, why = await shadow.judged()
+        async with self.lock:
+            if self.candidates.get(name) is not shadow:
+                return  # decided meanwhile (promoted or aborted through the API, unloaded)
+            if not passed:
+                self.end_candidate(name, "refused", f"shadow gate: {why}")
+            elif shadow.policy.canary is not None:
+                self._unhook(shadow)
+                shadow.stage = "canary"
+                self.metrics.rollout_decisions.labels(name, shadow.version, "canary").inc()
+                log.info("shadow gate passed; canary", extra={"fields": {
+                    "model": name, "version": shadow.version, "checks": why,
+                    "weight": shadow.policy.canary.weight}})
+            else:
+                self._promote(name, f"shadow gate: {why}")
+
+    def _unhook(self, shadow: Shadow) -> None:
+        if shadow.live.shadow == shadow.copy:
+            shadow.live.shadow = None
+
+    def _promote(self, name: str, why: str) -> dict:
+        """The candidate takes the traffic (today's swap: it enters the table, the versions the policy no longer
+        wants leave it at once and are released once their queues drain)."""
+        shadow = self.candidates.pop(name)
+        self._unhook(shadow)
+        shadow.end("promoted", why)
+        version = int(shadow.version)
+        self.engines.setdefault(name, {})[version] = shadow.candidate
+        self.changed()
+        self.metrics.rollout_decisions.labels(name, shadow.version, "promoted").inc()
+        log.info("promoted candidate model version", extra={"fields": {
+            "model": name, "version": version, "why": why, "compared": shadow.compared}})
+        try:
+            wanted = set(self.wanted(name)) | {version}
+        except (ArtifactError, OSError):
+            wanted = {version}
+        retired = [{"model": name, "version": v} for v in sorted(set(self.engines[name]) - wanted)]
+        for entry in retired:
+            self.retire(name, entry["version"])
+        return {"loaded": [{"model": name, "version": version}], "retired": retired, "refused": [], "candidates": []}
+
+    def end_candidate(self, name: str, verdict: str, reason: str) -> dict:
+        """Refused or aborted: the candidate is released after its queue drains, what served keeps serving, and the
+        version is not tried again until its files change or the load API asks (as a version that failed its
+        checks)."""
+        shadow = self.candidates.pop(name)
+        self._unhook(shadow)
+        shadow.end(verdict, reason)
+        version = int(shadow.version)
+        self.refused[(name, version)] = Refused(f"{verdict}: {reason}", fingerprint(self.models[name] / str(version)))
+        self._release_later(shadow.candidate)
+        self.metrics.rollout_decisions.labels(name, shadow.version, verdict).inc()
+        log.warning("candidate model version not promoted", extra={"fields": {
+            "model": name, "version": version, "verdict": verdict, "reason": reason, "compared": shadow.compared}})
+        return {"loaded": [], "retired": [{"model": name, "version": version, "reason": reason}],
+                "refused": [], "candidates": []}
+
+    async def promote(self, name: str) -> dict:
+        """The repository API: promote ``name``'s candidate now, whatever its gate says so far."""
+        self._known(name)
+        async with self.lock:
+            if name not in self.candidates:
+                raise not_found(f"model {name!r} has no candidate version to promote")
+            return self._promote(name, "promoted through the repository API")
+
+    async def abort(self, name: str) -> dict:
+        """The repository API: drop ``name``'s candidate; what serves keeps serving."""
+        self._known(name)
+        async with self.lock:
+            if name not in self.candidates:
+                raise not_found(f"model {name!r} has no candidate version to abort")
+            return self.end_candidate(name, "aborted", "aborted through the repository API")
+
+    def shadow_report(self, name: str, version: str) -> dict:
+        """The last rollout of a version (under way or decided); 404 ``ServiceError`` when it never had one."""
+        number = contract.parse_version(version)
+        shadow = self.evaluations.get((name, str(number))) if number is not None else None
+        if shadow is None:
+            raise not_found(f"model {name[:100]!r} version {version[:40]!r} has not been a candidate (a rollout "
+                            "policy makes a new version one)")
+        return shadow.report()
 
     async def _release(self, engine: Engine) -> None:
         await engine.close(self.settings.request_timeout_s + 1)
@@ -330,7 +516,10 @@ class Repository:
 
     async def close(self, timeout_s: float) -> bool:
         """Drain and release every engine within ``timeout_s``; False if some work was left."""
-        engines = self.all_engines()
+        engines = self.all_engines() + [shadow.candidate for shadow in self.candidates.values()]
+        for task in self.judging:
+            task.cancel()
+        self.candidates.clear()
         self.engines = {}
         results = await asyncio.gather(*(engine.close(timeout_s) for engine in engines), *self.retiring,
                                        return_exceptions=True)
@@ -352,6 +541,8 @@ class Repository:
                 "versions": [engine.describe() for _, engine in sorted(served.items())],
                 "refused": [{"version": str(v), "reason": r.reason} for (n, v), r in sorted(self.refused.items())
                             if n == name],
+                "candidate": ({"version": self.candidates[name].version, "stage": self.candidates[name].stage}
+                              if name in self.candidates else None),
             })
         return out
 

@@ -25,6 +25,7 @@ from . import __version__
 from .errors import NotReady, ServiceError, Unhealthy, internal_error, new_error_id, not_found
 from .lifecycle import Phase, ServiceState
 from .openapi import document
+from .rollout import load_body
 from .schemas import ErrorResponse, error_details
 from .v2 import SERVER_METADATA, Tensor, V2Error, error_body, metadata, v2_status
 
@@ -106,6 +107,16 @@ def create_api(state: ServiceState) -> FastAPI:
             return error_response(error)
         return JSON(report)
 
+    @api.get("/v1/models/{name}/versions/{version}/shadow", summary="a candidate version's rollout (under way or "
+             "decided): sentences compared and shed, agreement, probability shift, abstention rates, model time, "
+             "the gate's checks and verdict, the canary's requests per version",
+             responses={404: {"model": ErrorResponse, "description": "the version has not been a candidate"}})
+    async def shadow(name: str, version: str) -> Response:
+        try:
+            return JSON(state.repository.shadow_report(name, version))
+        except ServiceError as error:
+            return error_response(error)
+
     @api.get("/metrics", summary="Prometheus metrics (OpenMetrics, with trace-id exemplars, when the scraper "
              "accepts application/openmetrics-text)", response_class=Response)
     async def metrics(request: Request) -> Response:
@@ -183,10 +194,18 @@ class Change(BaseModel):
     reason: str | None = None
 
 
+class Candidate(BaseModel):
+    model: str
+    version: int
+    stage: str = Field(description="shadow or canary")
+
+
 class RepositoryChange(BaseModel):
     loaded: list[Change]
     retired: list[Change]
     refused: list[Change]
+    candidates: list[Candidate] = Field([], description="a new version held back by a rollout policy (a shadow, "
+                                        "a canary): what served keeps serving until it is decided")
 
 
 def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
@@ -253,9 +272,24 @@ def add_v2_routes(api: FastAPI, state: ServiceState) -> None:
 
     @api.post("/v2/repository/models/{model_name}/load", tags=["v2"], response_model=RepositoryChange,
               responses={c: errors[c] for c in (400, 403, 404, 409)},
-              summary="V2 repository extension: load (or reload) a model's versions as its policy chooses")
-    async def load(model_name: str) -> Response:
-        return await control(lambda: repository.load_model(model_name))
+              summary="V2 repository extension: load (or reload) a model's versions as its policy chooses; an "
+              "optional body {\"parameters\": {\"rollout\": {\"shadow\", \"gate\", \"canary\"}}} makes a new "
+              "version a candidate (README: Rollouts)")
+    async def load(model_name: str, request: Request) -> Response:
+        body = await request.body()
+        return await control(lambda: repository.load_model(model_name, load_body(body)))
+
+    @api.post("/v2/repository/models/{model_name}/promote", tags=["v2"], response_model=RepositoryChange,
+              responses={c: errors[c] for c in (403, 404, 409)},
+              summary="repository: promote the model's candidate now (the usual swap), whatever its gate says so far")
+    async def promote(model_name: str) -> Response:
+        return await control(lambda: repository.promote(model_name))
+
+    @api.post("/v2/repository/models/{model_name}/abort", tags=["v2"], response_model=RepositoryChange,
+              responses={c: errors[c] for c in (403, 404, 409)},
+              summary="repository: drop the model's candidate; what serves keeps serving")
+    async def abort(model_name: str) -> Response:
+        return await control(lambda: repository.abort(model_name))
 
     @api.post("/v2/repository/models/{model_name}/unload", tags=["v2"], response_model=RepositoryChange,
               responses={c: errors[c] for c in (403, 404, 409)},

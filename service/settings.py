@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(0.0, ge=0, description="look for new or removed versions this often (0: never)")
     allow_repository_control: bool = Field(False, description="without SCS_API_KEY, allow the V2 repository "
                                            "load/unload API anyway (with a key it is always allowed, to key holders)")
+    shadow_share: float = Field(0.1, gt=0, le=1, description="share of live requests a candidate in shadow also "
+                                "answers, after the live answer (a rollout policy's shadow.share overrides it)")
+    shadow_queue: int = Field(256, ge=1, description="most sentences a candidate in shadow may hold queued; more "
+                              "copies are shed (so are all while the live queue is over half of max_queue_size)")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when onnxruntime has it, else CPU")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: onnxruntime decides)")
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads (0: onnxruntime decides)")

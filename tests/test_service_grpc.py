@@ -286,6 +286,12 @@ def test_the_key_guards_everything_but_the_probes_and_repository_control_works_w
             with pytest.raises(InferenceServerException) as refused:
                 c.load_model("nobody", headers=key)
             assert code_of(refused.value) == "StatusCode.NOT_FOUND"
+            # a rollout policy as the load call's string parameter: checked as over REST (400: INVALID_ARGUMENT)
+            load = service_pb2.RepositoryModelLoadRequest(model_name=MODEL)
+            load.parameters["rollout"].string_param = '{"canary": {"weight": 2}}'
+            code, details = raw_call(svc.grpc, load.SerializeToString(), f"/{SERVICE}/RepositoryModelLoad",
+                                     metadata=[("authorization", f"Bearer {KEY}")])
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "canary.weight" in details, (code, details)
     finally:
         svc.stop()
 
