@@ -28,7 +28,8 @@ from .runtime import Scores
 
 # Per entry, the ordered dict's share: its hash table slot and index (the table is 1.5x to 3x the entries) and the
 # node of its linked list. Measured with tracemalloc at 10,000 to 200,000 entries: 66-92 bytes at rest, 98 while
-# the table grows (both tables alive); RSS under a flood of 1,000,000 texts confirms it (README).
+# the table grows (both tables alive). The process's RSS grows more than the charge under a long flood of distinct
+# texts (BENCHMARKS.md, "Response cache and priorities": the allocator's pools fragment as entries churn).
 CONTAINER_BYTES = 100
 TRUNCATED = 1  # the flag byte's bit: the text was cut to the model's max_length
 
