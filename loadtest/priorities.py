@@ -61,7 +61,7 @@ def priority_overload(model_dir: Path, data: Path, log_dir: Path, factor: float 
     runs = {}
     for name, env in (("on", {}), ("off", {"SCS_PRIORITY_LEVELS": "1", "SCS_DEFAULT_PRIORITY": "1"})):
         server = start_service("multi", model_dir, log_dir / f"priorities-{name}.log",
-                               {"SCS_CACHE_MAX_BYTES": "0", "SCS_INTRA_OP_THREADS": "1"} | env)
+                               {"SCS_INTRA_OP_THREADS": "1"} | env)
         try:
             runs[name] = one_run(server.url, bodies, classes, factor, seconds, capacity_seconds)
         finally:
