@@ -259,6 +259,14 @@ class Encoder:
             tokenizer.no_truncation()
         return tokenizer
 
+    def cache_key(self, text: str) -> str:
+        """A key two texts share only if ``encode`` gives them the same ids (and the same cut): the lower-cased text
+        where the plain-ASCII shortcut applies (``encode`` tokenizes exactly ``text.lower()`` then), else the text.
+        The two kinds never meet: a lower-cased key is plain ASCII without an added token, an exact one is not."""
+        if self._plain is not None and self._simple(text):
+            return text.lower()
+        return text
+
     def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
         plain, match, special = self._plain, self._simple, self.special_tokens
         if plain is not None and all(match(text) for text in texts):

@@ -45,8 +45,11 @@ from .peers import PEERS, python_for
 from .processes import TASKSET, Parser, Server, core_busy_seconds, free_port, interrupt_on_signals, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
+# gRPC off but in the grpc configuration (several services run at once); the response cache off but in the cached
+# configuration (the bench's bodies repeat: the other figures are the model path's)
 SERVER_ENV = {"SCS_INTRA_OP_THREADS": "1", "SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_WORKERS": "1",
-              "SCS_GRPC_PORT": "0"}  # gRPC off but in the grpc configuration (several services run at once)
+              "SCS_GRPC_PORT": "0", "SCS_CACHE_MAX_BYTES": "0"}
+CACHE_BYTES = 32 * 2**20  # the cached configuration's SCS_CACHE_MAX_BYTES: the service's default
 ALL_CORES = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
 
 
@@ -67,7 +70,7 @@ class Config:
     pausable: bool = True
 
 
-KNOWN = ("on", "off", "naive", "fastapi", "raw", "v2", "grpc", "grpc-const", "cores", "reference", "traced",
+KNOWN = ("on", "cached", "off", "naive", "fastapi", "raw", "v2", "grpc", "grpc-const", "cores", "reference", "traced",
          "traced-sampled", "traced-dead", *PEERS)
 COLLECTED = ("traced", "traced-sampled")  # the configurations that export to the harness's OTLP receiver
 DEFAULT = ("on", "off", "naive", "fastapi", "raw", "v2", "grpc", "grpc-const")
@@ -85,6 +88,9 @@ def configs(model_dir: Path, port_of, reference: Path | None = None,
     return {
         "on": Config("on", "service, batching on (defaults)", [python, "-m", "service", *model, *where("on")],
                      SERVER_ENV, service=True),
+        "cached": Config("cached", f"service, batching on, response cache on ({CACHE_BYTES // 2**20} MiB)",
+                         [python, "-m", "service", *model, *where("cached")],
+                         SERVER_ENV | {"SCS_CACHE_MAX_BYTES": str(CACHE_BYTES)}, service=True),
         "off": Config("off", "service, batching off (SCS_MAX_BATCH_SIZE=1)",
                       [python, "-m", "service", *model, *where("off")], SERVER_ENV | {"SCS_MAX_BATCH_SIZE": "1"},
                       service=True),
@@ -205,9 +211,12 @@ def _measure_once(server: Server, config: Config, level: float, args, mode: str)
         after = scrape(server.url)
         delta = {name: metric(after, name) - metric(samples, name) for name in (
             "scs_batch_size_sentences_sum", "scs_batch_size_sentences_count", "scs_padded_tokens_total",
-            "scs_real_tokens_total")}
+            "scs_real_tokens_total", "scs_cache_hits_total", "scs_cache_misses_total")}
         if delta["scs_batch_size_sentences_count"]:
             row["mean_batch"] = delta["scs_batch_size_sentences_sum"] / delta["scs_batch_size_sentences_count"]
+        if delta["scs_cache_hits_total"] + delta["scs_cache_misses_total"]:
+            row["cache_hit_ratio"] = delta["scs_cache_hits_total"] / (delta["scs_cache_hits_total"]
+                                                                       + delta["scs_cache_misses_total"])
         if delta["scs_real_tokens_total"]:
             row["padding_ratio"] = delta["scs_padded_tokens_total"] / delta["scs_real_tokens_total"]
         if config.protocol == "grpc":  # h2load sees HTTP statuses only: a gRPC error status is in the trailers
@@ -261,6 +270,37 @@ def wrong_answers(url: str, config: Config, args) -> str | None:
     except (httpx.HTTPError, KeyError, ValueError, IndexError) as error:
         return f"no usable answer ({type(error).__name__}: {error})"
     return None
+
+
+def cache_equality(url: str, sentences: list[str], classes: int) -> dict:
+    """Cached answers against uncached ones over ``sentences`` (one per cache key), every probability: filled in
+    requests of 64 (misses, stored), the same requests again with ``"cache": false`` (the same batches, so the
+    model's own bits), then everything again from the cache in requests of another size and order."""
+    import random
+
+    import httpx
+
+    texts = list({text.lower(): text for text in sentences}.values())
+
+    def answers(order: list[str], size: int, **fields) -> dict[str, dict]:
+        found = {}
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                reply = client.post("/classify", json={"texts": chunk, "top_k": classes} | fields)
+                reply.raise_for_status()
+                found |= {text: p["probabilities"] for text, p in zip(chunk, reply.json()["predictions"])}
+        return found
+
+    answers(texts, 64)
+    uncached = answers(texts, 64, cache=False)
+    again = texts[:]
+    random.Random(1).shuffle(again)
+    hits = metric(scrape(url), "scs_cache_hits_total")
+    cached = answers(again, 48)
+    equal = sum(cached[text] == uncached[text] for text in texts)
+    return {"sentences": len(texts), "bit_equal": equal,
+            "all_hits": metric(scrape(url), "scs_cache_hits_total") - hits == len(texts)}
 
 
 def median_points(points: list[dict]) -> list[dict]:
@@ -339,6 +379,14 @@ def run(args, run_data: dict, log_dir: Path) -> None:
                     f"{point['p99_ms']:7.2f} ms errors {point['errors']} (server CPU {point['server_cpu']:.2f}, "
                     f"others on its core {_share(point['other_cpu'])}, load CPU {point['load_cpu']:.2f})")
     run_data["points"] = median_points(points)
+    if "cached" in servers:
+        servers["cached"].resume()
+        try:
+            run_data["cache_equality"] = cache_equality(servers["cached"].url, args.sentences,
+                                                        contract.read_manifest(args.version_dir).num_classes)
+        finally:
+            servers["cached"].pause()
+        say(f"cached vs uncached: {run_data['cache_equality']}")
     for rate in open_rates(run_data, args):
         for config in [c for c in live if c.protocol != "grpc"]:  # the open loop speaks HTTP/1.1 only
             servers[config.name].resume()
@@ -356,6 +404,27 @@ def run(args, run_data: dict, log_dir: Path) -> None:
 
         run_data["collector"] = httpx.get(collector.url + "/spans", timeout=10).json()
         collector.stop()
+
+
+def extra_runs(args, run_data: dict, log_dir: Path) -> None:
+    """The priority overload and the cache's RSS flood, when asked for (each on the server core)."""
+    if args.priority_overload:
+        from .priorities import priority_overload
+
+        say("priority overload: 3x capacity, 10% of requests at priority 1, priorities on then off")
+        run_data["priorities"] = priority_overload(args.model_dir, args.data, log_dir, say=say)
+    if args.cache_rss:
+        say(f"cache RSS: {args.cache_rss:,} distinct texts into a {CACHE_BYTES // 2**20} MiB cache")
+        argv = [sys.executable, "-m", "loadtest.cache_rss", "--model-dir", str(args.model_dir), "--data",
+                str(args.data), "--texts", str(args.cache_rss), "--max-bytes", str(CACHE_BYTES)]
+        if TASKSET is not None and args.pinned:
+            argv = [TASKSET, "-c", str(args.server_core), *argv]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            run_data["skipped"]["cache-rss"] = done.stderr[-300:]
+        else:
+            run_data["cache_rss"] = json.loads(done.stdout.strip().splitlines()[-1])
+            say(f"cache RSS: {run_data['cache_rss']}")
 
 
 def open_rates(run_data: dict, args) -> list[float]:
@@ -410,7 +479,10 @@ def machine(args) -> dict:
         "model_kind": manifest.model_kind,
         "mix": (f"{100 - args.multi_percent}% one text, {args.multi_percent}% 2-{args.multi_max} texts"
                 if args.multi_percent else f"{args.texts} text{'s' if args.texts > 1 else ''} per request")
-               + f" ({args.mean_sentences:.2f} sentences per request on average), sentences from {args.data.name}",
+               + f" ({args.mean_sentences:.2f} sentences per request on average), sentences from {args.data.name}"
+               + {"uniform": ", drawn uniformly", "zipf": f", drawn by a Zipf law (s={args.zipf_s:g}) over them",
+                  "distinct": ", each made distinct (a number no request sent before appended)"}[args.workload],
+        "workload": args.workload, "zipf_s": args.zipf_s,
         "generator": f"wrk (HTTP) and h2load (gRPC: every call the sentence of median length, "
                      f"{getattr(args, 'grpc_text', '')!r}), 1 thread, closed loop (one connection per client, one "
                      f"request at a time); {args.seconds:g} s per point, "
@@ -460,6 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--multi-percent", type=int, default=0,
                         help="instead of --texts: this share of requests carries 2..--multi-max texts, the rest one")
     parser.add_argument("--multi-max", type=int, default=8, help="most texts in a multi-text request (default 8)")
+    parser.add_argument("--workload", choices=("uniform", "zipf", "distinct"), default="uniform",
+                        help="the sentences each request carries: drawn uniformly from --data (default), by a Zipf "
+                             "law over them (--zipf-s), or each made distinct by a number no request sent before")
+    parser.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent of --workload zipf (default 1.1)")
+    parser.add_argument("--priority-overload", action="store_true",
+                        help="also: 3x capacity open loop, 10%% of requests at priority 1, priorities on vs off "
+                             "(loadtest/priorities.py)")
+    parser.add_argument("--cache-rss", type=int, default=0, metavar="TEXTS",
+                        help="also: the response cache's RSS under a flood of this many distinct texts "
+                             "(loadtest/cache_rss.py; the issue's bar uses 1000000)")
     parser.add_argument("--open-fractions", type=lambda t: _numbers(float, t), default=[0.25, 0.5, 0.75],
                         help="open-loop rates as fractions of the first configuration's peak req/s")
     parser.add_argument("--no-open", dest="open_fractions", action="store_const", const=[], help="skip the open loop")
@@ -519,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     count = max(250, 4000 // args.texts)  # about 4,000 sentences: wrk decodes them all at start-up, on its core
     for protocol, path in args.bodies_paths.items():
         args.mean_sentences = write_bodies(request_bodies(args.sentences, args.texts, args.multi_percent,
-                                                          args.multi_max, count, protocol=protocol), path)
+                                                          args.multi_max, count, protocol=protocol,
+                                                          workload=args.workload, zipf_s=args.zipf_s), path)
     args.grpc_text = median_sentence(args.version_dir, args.sentences)
     args.bodies_paths["grpc"] = log_dir / "body-grpc.bin"
     args.bodies_paths["grpc"].write_bytes(generators.grpc_body(model_name(args.model_dir), args.grpc_text))
@@ -539,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.pinned:
             os.sched_setaffinity(0, {args.load_core})  # the harness itself stays off the server's core
         run(args, run_data, log_dir)
+        extra_runs(args, run_data, log_dir)
     except KeyboardInterrupt:
         say("interrupted: stopping every process started")
         return 130

@@ -38,18 +38,32 @@ def read_sentences(path: Path, column: str = "text") -> list[str]:
     return sentences
 
 
+UNIQUE = "@@UNIQUE@@"  # the wrk script puts a number no request sent before in its place (workload "distinct")
+
+
+def zipf_weights(count: int, exponent: float, seed: int = 0) -> list[float]:
+    """Zipf weights over ``count`` items in a random order (rank r weighs 1 / r^exponent)."""
+    ranks = list(range(1, count + 1))
+    random.Random(seed).shuffle(ranks)
+    return [rank ** -exponent for rank in ranks]
+
+
 def request_bodies(sentences: Sequence[str], texts: int = 1, multi_percent: int = 0, multi_max: int = 8,
-                   count: int = 4000, seed: int = 0, protocol: str = "classify") -> list[Body]:
+                   count: int = 4000, seed: int = 0, protocol: str = "classify", workload: str = "uniform",
+                   zipf_s: float = 1.1) -> list[Body]:
     """``count`` request bodies of ``texts`` sentences each, or, with ``multi_percent``, that share of requests
     carrying 2 to ``multi_max`` texts and the rest one. ``protocol``: ``classify`` (``POST /classify`` JSON) or
     ``v2`` (an Open Inference Protocol request with the TEXT tensor in binary, as tritonclient sends by default,
-    asking for every output in binary)."""
+    asking for every output in binary). ``workload``: the sentences drawn uniformly (``uniform``), by a Zipf law
+    of exponent ``zipf_s`` over them (``zipf``: realistic repeats), or uniformly with ``UNIQUE`` appended to each
+    (``distinct``: the wrk script makes every text one no request sent before; ``classify`` bodies only)."""
     rng, bodies = random.Random(seed), []
+    weights = zipf_weights(len(sentences), zipf_s, seed) if workload == "zipf" else None
     for _ in range(count):
-        if multi_percent and rng.randrange(100) < multi_percent:
-            chosen = rng.choices(sentences, k=rng.randint(2, multi_max))
-        else:
-            chosen = rng.choices(sentences, k=texts)
+        k = rng.randint(2, multi_max) if multi_percent and rng.randrange(100) < multi_percent else texts
+        chosen = rng.choices(sentences, weights, k=k)
+        if workload == "distinct" and protocol == "classify":
+            chosen = [f"{text} {UNIQUE}" for text in chosen]
         if protocol == "v2":
             bodies.append((len(chosen), *v2_binary(chosen)))
         else:

@@ -30,9 +30,10 @@ def bodies(mode: str, data: Path) -> list[Body]:
 def start_service(mode: str, model_dir: Path, log: Path, env: dict[str, str] | None = None,
                   core: int | str | None = 0) -> Server:
     """``python -m service`` in ``mode`` on a free 127.0.0.1 port, pinned to ``core`` (with several workers, on
-    every core); returns once it is ready."""
+    every core); returns once it is ready. The response cache is off unless ``env`` turns it on: the runs' bodies
+    repeat, and what they load is the model path."""
     settings = {"SCS_WORKERS": "1"} | MODES[mode][0] | {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu",
-                                                   "SCS_GRPC_PORT": "0"} | (env or {})
+                                                   "SCS_GRPC_PORT": "0", "SCS_CACHE_MAX_BYTES": "0"} | (env or {})
     if settings["SCS_WORKERS"] != "1":
         core = None
     port = free_port()

@@ -132,6 +132,7 @@ def bars(run: dict) -> list[dict]:
         bar("one worker per core >= 1.8x one worker on one core (sentences/s at peak; meant for 64-text requests)",
             f"{scale:.2f}x ({every['sentences_per_s']:,.0f} / {one['sentences_per_s']:,.0f}; "
             f"{run['meta'].get('mix', '')})", scale >= 1.8)
+    cache_bars(run, bar)
     # Open-loop rates above a configuration's closed-loop peak overload it on purpose: its unanswered requests
     # there are the finding the open-loop table shows, not errors of the run.
     peaks = {config: peak(points, config)["rps"] for config in {p["config"] for p in points} if peak(points, config)}
@@ -140,6 +141,42 @@ def bars(run: dict) -> list[dict]:
     bar("no errors in any closed-loop point, nor at open-loop rates below a configuration's peak",
         f"{errors} errors", errors == 0)
     return rows
+
+
+def cache_bars(run: dict, bar) -> None:
+    """Issue 26's bars: the response cache against no cache at c=64 (by the run's workload), cached answers bit for
+    bit, priorities at 3x overload, the cache's RSS under a flood of distinct texts."""
+    points, meta = run["points"], run.get("meta", {})
+    cached, plain = at(points, "cached", 64), at(points, "on", 64)
+    workload = meta.get("workload", "uniform")
+    if cached and plain and workload in ("zipf", "distinct"):
+        floor = 2.0 if workload == "zipf" else 0.97
+        share = cached["rps"] / plain["rps"]
+        name = f"Zipf (s={meta.get('zipf_s', 1.1):g})" if workload == "zipf" else "all-distinct"
+        bar(f"c=64, {name} workload: cache on >= {floor:g}x cache off (req/s)",
+            f"{share:.2f}x ({cached['rps']:,.0f} / {plain['rps']:,.0f} req/s; hit ratio "
+            f"{cached.get('cache_hit_ratio', 0):.1%})", share >= floor)
+    equality = run.get("cache_equality")
+    if equality:
+        bar(f"cached answers equal uncached ones bit for bit ({equality['sentences']:,} test sentences)",
+            f"{equality['bit_equal']:,} / {equality['sentences']:,} equal, all from the cache: {equality['all_hits']}",
+            equality["bit_equal"] == equality["sentences"] and equality["all_hits"])
+    priorities = run.get("priorities")
+    if priorities:
+        on, off = priorities["runs"]["on"], priorities["runs"]["off"]
+        high, low = on["levels"]["high"], on["levels"]["low"]
+        bar("3x overload, 10% high: high level 0 rejections", f"{high['rejected']} (low: {low['rejected']:,})",
+            high["rejected"] == 0)
+        bar("3x overload, 10% high: high p99 <= 1/4 of low's", f"{high['p99_ms']:,.0f} vs {low['p99_ms']:,.0f} ms",
+            high["p99_ms"] <= low["p99_ms"] / 4)
+        drop = 1 - on["answered_rps"] / off["answered_rps"] if off["answered_rps"] else 1.0
+        bar("3x overload: total throughput with priorities >= 95% of without",
+            f"{on['answered_rps']:,.0f} vs {off['answered_rps']:,.0f} req/s ({-drop:+.1%})", drop <= 0.05)
+    rss = run.get("cache_rss")
+    if rss:
+        bar(f"cache RSS under {rss['texts']:,} distinct texts <= 1.1x its setting",
+            f"{rss['rss_growth'] / 2**20:,.1f} MiB peak growth for {rss['max_bytes'] / 2**20:,.0f} MiB "
+            f"({rss['growth_over_max']:.2f}x; {rss['entries']:,} entries)", rss["growth_over_max"] <= 1.10)
 
 
 def _levels(points: list[dict]) -> list[int]:

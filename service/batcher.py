@@ -1,11 +1,15 @@
 """Dynamic batching: one asyncio task owns the queue and turns many queued sentences into few model runs.
 
 Rules (docs/architecture.md, "Batching"): when the runtime is idle, whatever is queued runs at once (no idle wait); while a
-batch runs, the next one gathers. A batch starts from the oldest queued sentence (so nothing starves) and
-fills with the queued sentences nearest its length, while it stays within ``max_batch_size`` sentences,
-``max_batch_tokens`` padded tokens (longest x count) and ``max_padding_ratio`` padded/real tokens. The
-model runs in a worker thread. A request whose deadline passed, whose client left (its future cancelled) or
-whose other sentences failed is never run. A failing run fails only the requests in that batch.
+batch runs, the next one gathers. A batch starts from the oldest queued sentence of the highest priority level
+that has work and fills with that level's queued sentences nearest its length, then (room left) with the lower
+levels' nearest ones, while it stays within ``max_batch_size`` sentences, ``max_batch_tokens`` padded tokens
+(longest x count) and ``max_padding_ratio`` padded/real tokens. Starvation guard: one batch in every
+``priority_fair_every`` starts from the oldest queued sentence of any level instead. Each level admits a request
+only while the whole queue stays within that level's share of ``max_queue_size``, so a full queue refuses the
+lowest level first; each level has its own default deadline. The model runs in a worker thread. A request whose
+deadline passed, whose client left (its future cancelled) or whose other sentences failed is never run. A failing
+run fails only the requests in that batch.
 
 Texts are queued as they come and tokenized by the owner task, all that arrived since its last batch in one call,
 just before it groups them: one tokenizer call per batch rather than per request, whose tables stay in cache
@@ -38,9 +42,10 @@ class BatchTrace(Protocol):
 
 
 class BatchMetrics(Protocol):
-    def observe_dispatch(self, waits: Sequence[float]) -> None: ...  # a batch leaves the queue: each one's wait
+    # a batch leaves the queue: each sentence's wait and priority level
+    def observe_dispatch(self, waits: Sequence[float], priorities: Sequence[int]) -> None: ...
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
-    def reject(self, reason: str) -> None: ...
+    def reject(self, reason: str, priority: int | None = None) -> None: ...  # priority: the request's level
 
 
 Encode = Callable[[list], tuple[list[list[int]], list[bool]]]  # texts -> (token ids, cut to the model's length)
@@ -56,11 +61,12 @@ class Job(Generic[R]):
     their tokens once tokenized. Cancelling the future (the client left) drops its sentences still queued."""
 
     __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span", "queued_at", "ids",
-                 "truncated")
+                 "truncated", "level")
 
     def __init__(self, future: asyncio.Future, count: int, now: float, timeout_s: float,
-                 request_id: str | None, span: object | None = None) -> None:
+                 request_id: str | None, span: object | None = None, level: Level | None = None) -> None:
         self.future = future
+        self.level = level  # its priority level's queue
         self.results: list[R | None] = [None] * count
         self.remaining = count
         self.deadline, self.timeout_s = now + timeout_s, timeout_s
@@ -88,9 +94,27 @@ class Item:
         self.taken = False
 
 
+class Level:
+    """One priority level's queue: its items in arrival order (the oldest live one is found here) and by token
+    length, how many are queued and not yet taken, the admission bound (the whole queue's size at most), the
+    default deadline, and the jobs with that deadline (arrival order is deadline order)."""
+
+    __slots__ = ("priority", "fifo", "buckets", "size", "bound", "timeout_s", "jobs")
+
+    def __init__(self, priority: int, bound: int, timeout_s: float) -> None:
+        self.priority, self.bound, self.timeout_s = priority, bound, timeout_s
+        self.fifo: deque[Item] = deque()
+        self.buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
+        self.size = 0
+        self.jobs: deque[Job] = deque()
+
+
 @dataclass(frozen=True, kw_only=True)
 class BatchLimits:
-    """The batching knobs; the settings of the same names are their one source (``Settings.batch_limits``)."""
+    """The batching knobs; the settings of the same names are their one source (``Settings.batch_limits``).
+    Priority levels are numbered from 1, the highest; ``priority_queue_shares`` and ``priority_timeouts_s`` hold one
+    value per level (the share of ``max_queue_size`` the whole queue may reach and still admit that level, and its
+    default deadline); empty: every level the whole queue and ``request_timeout_s``."""
 
     max_batch_size: int
     max_batch_tokens: int
@@ -98,6 +122,18 @@ class BatchLimits:
     max_wait_ms: float
     max_queue_size: int
     request_timeout_s: float
+    priority_levels: int = 1
+    default_priority: int = 1
+    priority_queue_shares: tuple[float, ...] = ()
+    priority_timeouts_s: tuple[float, ...] = ()
+    priority_fair_every: int = 0  # 0: no starvation guard
+    min_queue_bound: int = 1  # no level's bound is below this (SCS_MAX_TEXTS: a whole request fits an empty queue)
+
+    def levels(self) -> list[Level]:
+        shares = self.priority_queue_shares or (1.0,) * self.priority_levels
+        timeouts = self.priority_timeouts_s or (self.request_timeout_s,) * self.priority_levels
+        return [Level(number, max(self.min_queue_bound, int(share * self.max_queue_size)), timeout)
+                for number, share, timeout in zip(range(1, self.priority_levels + 1), shares, timeouts)]
 
 
 class Batcher(Generic[R]):
@@ -111,15 +147,14 @@ class Batcher(Generic[R]):
         self._trace = trace
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="model")
         self._own_executor = executor is None
-        self._fifo: deque[Item] = deque()  # arrival order: the oldest live item is found here
+        self.levels = limits.levels()  # highest priority first
         self._new: list[Item] = []  # queued since the last tokenization, not yet in a length bucket
-        self._buckets: dict[int, deque[Item]] = {}  # length -> items of that length, arrival order
-        # Every job until it is answered, for its deadline: those with the server's timeout in arrival order (which is
-        # deadline order), those that asked for less in a heap by deadline.
-        self._jobs: deque[Job[R]] = deque()
+        # Every job until it is answered, for its deadline: those with their level's default timeout in arrival order
+        # (which is deadline order) in their level's ``jobs``, any other in a heap by deadline.
         self._early: list[tuple[float, int, Job[R]]] = []
         self._count = 0  # ties in the heap break by arrival
         self._size = 0  # queued items not yet taken (some may belong to finished jobs until discarded)
+        self._batches = 0  # batches taken: every priority_fair_every-th starts from the oldest of any level
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -130,11 +165,16 @@ class Batcher(Generic[R]):
     def queue_depth(self) -> int:
         return self._size
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def held(self) -> dict[str, int]:
         """What the batcher's own structures hold now (an idle batcher must hold nothing): for leak checks."""
-        return {"queued": self._size, "fifo": len(self._fifo), "new": len(self._new),
-                "buckets": sum(map(len, self._buckets.values())),
-                "jobs": len(self._jobs) + len(self._early)}
+        levels = self.levels
+        return {"queued": self._size, "fifo": sum(len(level.fifo) for level in levels), "new": len(self._new),
+                "buckets": sum(sum(map(len, level.buckets.values())) for level in levels),
+                "jobs": sum(len(level.jobs) for level in levels) + len(self._early)}
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         """Start the owner task (and the deadline sweeper); ``on_failure`` hears if either dies."""
@@ -151,37 +191,40 @@ class Batcher(Generic[R]):
         log.critical("batcher task %s died", task.get_name(), exc_info=error)
         self._closing = True  # nothing new is accepted; everything waiting is answered now rather than at 504
         failure = internal_error(new_error_id())
-        for job in [*self._jobs, *(job for _, _, job in self._early)]:
+        for job in [*(job for level in self.levels for job in level.jobs), *(job for _, _, job in self._early)]:
             job.fail(failure)
         if on_failure is not None:
             on_failure(error)
 
     def submit(self, texts: list, request_id: str | None = None, timeout_s: float | None = None,
-               span: object | None = None) -> Job[R]:
+               span: object | None = None, priority: int | None = None) -> Job[R]:
         """Queue every sentence of one request, or none of them (``QueueFull``, or ``NotReady`` when closing).
-        Its deadline is ``timeout_s`` from now, at most the limits' ``request_timeout_s``; ``span``: its trace
-        span, when sampled."""
+        ``priority``: its level (1 the highest; None: the default level); it is admitted while the whole queue stays
+        within its level's bound. Its deadline is ``timeout_s`` from now (at most the limits' ``request_timeout_s``),
+        else its level's default; ``span``: its trace span, when sampled."""
         if self._closing:
             raise NotReady(draining=True)
-        if self._size + len(texts) > self.limits.max_queue_size:
+        level = self.levels[(priority or self.limits.default_priority) - 1]
+        if self._size + len(texts) > level.bound:
             if self._metrics:
-                self._metrics.reject("queue_full")
+                self._metrics.reject("queue_full", level.priority)
             raise QueueFull()
         loop = asyncio.get_running_loop()
         now = loop.time()
-        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
-        job: Job[R] = Job(loop.create_future(), len(texts), now, timeout, request_id, span)
-        if timeout < self.limits.request_timeout_s:
+        timeout = level.timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        job: Job[R] = Job(loop.create_future(), len(texts), now, timeout, request_id, span, level)
+        if timeout != level.timeout_s:
             self._count += 1
             heapq.heappush(self._early, (job.deadline, self._count, job))
         else:
-            self._jobs.append(job)
-        fifo, new = self._fifo, self._new
+            level.jobs.append(job)
+        fifo, new = level.fifo, self._new
         for index, text in enumerate(texts):
             item = Item(job, index, text, now)
             fifo.append(item)
             new.append(item)
         self._size += len(texts)
+        level.size += len(texts)
         self._wakeup.set()
         return job
 
@@ -210,10 +253,11 @@ class Batcher(Generic[R]):
         loop = asyncio.get_running_loop()
         while True:
             if self._size == 0:
-                # Nothing live is queued, so whatever the fifo and the buckets still hold was taken or discarded.
-                self._fifo.clear()
+                # Nothing live is queued, so whatever the fifos and the buckets still hold was taken or discarded.
+                for level in self.levels:
+                    level.fifo.clear()
+                    level.buckets.clear()
                 self._new.clear()
-                self._buckets.clear()
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -227,16 +271,17 @@ class Batcher(Generic[R]):
                 await self._execute(loop, batch)
 
     def _tokenize(self) -> None:
-        """Tokenize what arrived since the last batch, in one call, and file each sentence by its length."""
+        """Tokenize what arrived since the last batch, in one call, and file each sentence by its level and length."""
         new, self._new = self._new, []
         if not new:
             return
         ids, truncated = self._encode([item.ids for item in new])
-        buckets = self._buckets
         for item, sequence, cut in zip(new, ids, truncated):
-            item.ids = item.job.ids[item.index] = sequence
+            job = item.job
+            item.ids = job.ids[item.index] = sequence
             item.length = length = len(sequence)
-            item.job.truncated[item.index] = cut
+            job.truncated[item.index] = cut
+            buckets = job.level.buckets
             bucket = buckets.get(length)
             if bucket is None:
                 bucket = buckets[length] = deque()
@@ -245,7 +290,7 @@ class Batcher(Generic[R]):
     async def _let_fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Optional: wait up to max_wait_ms after the oldest item's arrival for a fuller batch."""
         while self._size < self.limits.max_batch_size and not self._closing:
-            oldest = self._oldest(loop.time())
+            oldest = self._first(loop.time(), fair=True)
             if oldest is None:
                 return
             left = oldest.enqueued + self.limits.max_wait_ms / 1000 - loop.time()
@@ -257,9 +302,9 @@ class Batcher(Generic[R]):
             except TimeoutError:
                 return
 
-    def _oldest(self, now: float) -> Item | None:
-        """The oldest item still worth running; discards finished, expired and taken ones on the way."""
-        fifo = self._fifo
+    def _oldest(self, level: Level, now: float) -> Item | None:
+        """The level's oldest item still worth running; discards finished, expired and taken ones on the way."""
+        fifo = level.fifo
         while fifo:
             item = fifo[0]
             if item.taken:
@@ -270,6 +315,19 @@ class Batcher(Generic[R]):
             else:
                 return item
         return None
+
+    def _first(self, now: float, fair: bool) -> Item | None:
+        """The sentence a batch starts from: the oldest of the highest level that has work or, ``fair``, the oldest
+        of any level."""
+        first = None
+        for level in self.levels:
+            if level.size:
+                item = self._oldest(level, now)
+                if item is not None and (first is None or item.enqueued < first.enqueued):
+                    first = item
+                    if not fair:
+                        break
+        return first
 
     def _alive(self, item: Item, now: float) -> bool:
         job = item.job
@@ -283,42 +341,57 @@ class Batcher(Generic[R]):
     def _discard(self, item: Item) -> None:
         item.taken = True
         self._size -= 1
+        item.job.level.size -= 1
 
     def _expire(self, job: Job) -> None:
         if not job.future.done():
             job.future.set_exception(DeadlineExceeded(job.timeout_s))
             if self._metrics:
-                self._metrics.reject("deadline_exceeded")
+                self._metrics.reject("deadline_exceeded", job.level.priority)
 
     def _take(self, now: float) -> list[Item]:
-        """Oldest item first, then the nearest lengths, within the size, token and padding limits."""
-        first = self._oldest(now)
+        """The first item (``_first``), then the nearest lengths of its level, then of the other levels (highest
+        first), within the size, token and padding limits."""
+        every = self.limits.priority_fair_every
+        self._batches += 1
+        first = self._first(now, fair=every > 0 and self._batches % every == 0)
         if first is None:
             return []
-        limits = self.limits
-        batch = [first]
-        first.taken = True
-        self._size -= 1
+        level = first.job.level
+        self._discard(first)
         # The oldest live item is also the oldest live one of its length: what precedes it there is taken or
         # discarded. Take it out of its bucket now, or a batch that never visits the bucket leaves it there.
-        bucket = self._buckets[first.length]
+        bucket = level.buckets[first.length]
         while bucket.popleft() is not first:
             pass
         if not bucket:
-            del self._buckets[first.length]
-        longest = first.length
-        real = first.length
+            del level.buckets[first.length]
+        batch = [first]
+        longest = real = first.length
+        longest, real = self._fill(level, batch, first.length, longest, real, now)
+        for other in self.levels:
+            if len(batch) >= self.limits.max_batch_size:
+                break
+            if other is not level and other.size:
+                longest, real = self._fill(other, batch, first.length, longest, real, now)
+        return batch
+
+    def _fill(self, level: Level, batch: list[Item], anchor: int, longest: int, real: int,
+              now: float) -> tuple[int, int]:
+        """Add ``level``'s items nearest ``anchor`` in length to ``batch`` while the limits allow; the batch's new
+        longest length and real tokens."""
+        limits, buckets = self.limits, level.buckets
         # Nearest lengths first: the same length, then one shorter, one longer, two shorter, ...
         # A side stops once its next length breaks a limit; farther lengths on that side only do worse.
         shorter_open, longer_open = True, True
         distance = 0
-        max_distance = max(max(self._buckets, default=0) - first.length, first.length - 1)
+        max_distance = max(max(buckets, default=0) - anchor, anchor - 1)
         while len(batch) < limits.max_batch_size and (shorter_open or longer_open) and distance <= max_distance:
-            for length in ((first.length,) if distance == 0 else (first.length - distance, first.length + distance)):
-                is_longer = length > first.length
+            for length in ((anchor,) if distance == 0 else (anchor - distance, anchor + distance)):
+                is_longer = length > anchor
                 if (is_longer and not longer_open) or (not is_longer and distance and not shorter_open) or length < 1:
                     continue
-                bucket = self._buckets.get(length)
+                bucket = buckets.get(length)
                 while bucket and len(batch) < limits.max_batch_size:
                     item = bucket[0]
                     if item.taken:
@@ -335,21 +408,23 @@ class Batcher(Generic[R]):
                             longer_open = False
                         elif distance:
                             shorter_open = False
+                        else:  # the anchor's own length no longer fits: nothing else of this level will
+                            shorter_open = longer_open = False
                         break
                     bucket.popleft()
-                    item.taken = True
-                    self._size -= 1
+                    self._discard(item)
                     batch.append(item)
                     longest, real = new_longest, real + length
                 if bucket is not None and not bucket:
-                    del self._buckets[length]
+                    del buckets[length]
             distance += 1
-        return batch
+        return longest, real
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
         started = loop.time()
         if self._metrics:
-            self._metrics.observe_dispatch([started - item.enqueued for item in batch])
+            self._metrics.observe_dispatch([started - item.enqueued for item in batch],
+                                           [item.job.level.priority for item in batch])
         self.running = len(batch)
         run_started = time.monotonic()
         try:
@@ -396,11 +471,13 @@ class Batcher(Generic[R]):
         """Answer 504 at the deadline even while a long batch runs; forget finished jobs."""
         loop = asyncio.get_running_loop()
         period = min(0.05, self.limits.request_timeout_s / 4)
-        jobs, early = self._jobs, self._early
+        early = self._early
         while True:
             await asyncio.sleep(period)
             now = loop.time()
-            while jobs and (jobs[0].future.done() or jobs[0].deadline <= now):
-                self._expire(jobs.popleft())
+            for level in self.levels:
+                jobs = level.jobs
+                while jobs and (jobs[0].future.done() or jobs[0].deadline <= now):
+                    self._expire(jobs.popleft())
             while early and (early[0][2].future.done() or early[0][0] <= now):
                 self._expire(heapq.heappop(early)[2])

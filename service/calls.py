@@ -26,6 +26,8 @@ class Call:
     min_precision: float | None = None
     timeout_s: float | None = None
     view: object = None
+    priority: int | None = None  # the queue's level, 1 the highest (None: the default level)
+    cached: bool = True  # False: bypass the response cache
 
 
 class WireProtocol(Protocol):
@@ -50,4 +52,5 @@ async def infer(repository: Repository, protocol: WireProtocol, call: Call) -> A
     # From routing to the queue nothing awaits: the version routed to cannot leave the table in between.
     engine = repository.route(call.model, call.version)
     protocol.check(call, engine.labels)
-    return await engine.classify(call.texts, call.min_score, call.min_precision, call.timeout_s, request_id.get())
+    return await engine.classify(call.texts, call.min_score, call.min_precision, call.timeout_s, request_id.get(),
+                                 call.priority, call.cached)

@@ -9,14 +9,15 @@ from pydantic import ValidationError
 from .calls import Call, Reply
 from .engine import Answer
 from .errors import ServiceError
-from .hot_route import JSON
+from .hot_route import JSON, no_cache
 from .schemas import ClassifyRequest, Limits, invalid_request, top_k_out_of_range
 from .settings import Settings
 
 
 class ClassifyProtocol:
     def __init__(self, settings: Settings) -> None:
-        self.request = ClassifyRequest.within(Limits(settings.max_text_chars, settings.max_texts))
+        self.request = ClassifyRequest.within(Limits(settings.max_text_chars, settings.max_texts,
+                                                     settings.priority_levels))
         self.default_top_k = settings.default_top_k
 
     def parse(self, scope, body: bytes) -> Call:
@@ -26,7 +27,8 @@ class ClassifyProtocol:
             raise invalid_request(body, error.errors(include_url=False)) from None
         texts = [request.text] if request.texts is None else request.texts
         return Call(texts, request.model, request.version, request.min_score, request.min_precision,
-                    view=request.top_k)
+                    view=request.top_k, priority=request.priority or None,
+                    cached=request.cache and not no_cache(scope))
 
     def check(self, call: Call, labels: list[str]) -> None:
         if call.view is not None and call.view > len(labels):

@@ -3,9 +3,13 @@ gets a finished ``Answer``: every sentence's scores in order, from exactly this 
 decided, counted and the drift window fed. The engine owns the tokenizer, the batch queue, the onnxruntime session,
 the thresholds and the drift window; nothing outside reaches into them.
 
-A request's sentences are queued as one job, tokenized by the batch queue's owner task (it needs their token
-lengths to group them) and run in length-grouped batches on the model thread, which also feeds the drift window. If the awaiting task is cancelled
-(the client left), the job's future is cancelled with it and its sentences still queued never run.
+With a response cache (``SCS_CACHE_MAX_BYTES``), each sentence is first looked up by its text (``service.cache``):
+a hit is answered from the cache, skipping tokenization and the queue, and fed to the drift window here, on the event
+loop. The other sentences of the request are queued as one job at the request's priority level, tokenized by the
+batch queue's owner task (it needs their token lengths to group them) and run in length-grouped batches on the
+model thread, which also feeds the drift window and packs their cache entries; the answers are merged back in input
+order, all from this one version. If the awaiting task is cancelled (the client left), the job's future is
+cancelled with it and its sentences still queued never run.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import contract
+import numpy as np
 
 from . import memory
 from .batcher import Batcher, BatchLimits
+from .cache import ResponseCache
 from .drift import DriftMonitor
-from .errors import no_threshold_for
+from .errors import NotReady, no_threshold_for
 from .logs import request_span
 from .metrics import Metrics, ModelMetrics
 from .runtime import Runtime, Scores
@@ -73,7 +79,8 @@ class ModelTime:
 class Engine:
     def __init__(self, name: str, runtime: Runtime, limits: BatchLimits, metrics: Metrics | None = None,
                  executor: ThreadPoolExecutor | None = None, drift_window: int = 1000,
-                 drift_alert_psi: float = 0.25, tracing=None, default_min_score: float | None = None) -> None:
+                 drift_alert_psi: float = 0.25, tracing=None, default_min_score: float | None = None,
+                 cache_max_bytes: int = 0) -> None:
         artifact = runtime.artifact
         self.runtime = runtime
         self.manifest = artifact.manifest
@@ -93,9 +100,16 @@ class Engine:
                                                                lambda: self.queue_depth) if metrics else None)
         if self.drift is not None and self.metrics is not None:
             self.metrics.watch_drift(self.drift)
-        self.batcher: Batcher[Scores] = Batcher(self._run, limits, self.metrics, executor,
-                                                tracing.batch(runtime.provider) if tracing is not None else None,
-                                                artifact.encoder.encode)
+        # The response cache, or None (off); the batcher's results are (Scores, cache entry) pairs when it is on.
+        self.cache = (ResponseCache(cache_max_bytes, self.manifest.num_classes, artifact.encoder.cache_key,
+                                    self.metrics) if cache_max_bytes > 0 else None)
+        self.batcher: Batcher = Batcher(self._run, limits, self.metrics, executor,
+                                        tracing.batch(runtime.provider) if tracing is not None else None,
+                                        artifact.encoder.encode)
+        if self.metrics is not None:
+            self.metrics.watch_levels(self.batcher.levels)
+            if self.cache is not None:
+                self.metrics.watch_cache(self.cache)
         self.memory_bytes = 0  # the heap this version's load allocated and holds (set by the repository)
         self.model_time = ModelTime()
         # On the CPU the model thread's own CPU time: with one intra-op thread the run's whole cost, without the waits
@@ -119,18 +133,27 @@ class Engine:
         return (time.perf_counter() - started) * 1000
 
     async def classify(self, texts: list[str], min_score: float | None = None, min_precision: float | None = None,
-                       timeout_s: float | None = None, request_id: str | None = None) -> Answer:
-        """Every text's scores, in order, within ``timeout_s`` (at most the server's), with the abstentions
-        decided by ``min_score``, or the threshold that reached ``min_precision`` on validation, or the default.
-        Raises ``ServiceError``: 422 ``min_precision_unavailable``, ``QueueFull``, ``NotReady`` (closing),
-        ``DeadlineExceeded`` or ``BatchFailed``; cancelling the caller drops what is still queued."""
+                       timeout_s: float | None = None, request_id: str | None = None, priority: int | None = None,
+                       cached: bool = True) -> Answer:
+        """Every text's scores, in order, within ``timeout_s`` (at most the server's; default: its priority level's),
+        with the abstentions decided by ``min_score``, or the threshold that reached ``min_precision`` on validation,
+        or the default. ``priority``: the queue's level (1 the highest; None: the default level); ``cached``: False
+        bypasses the response cache (nothing read, nothing stored). Raises ``ServiceError``: 422
+        ``min_precision_unavailable``, ``QueueFull``, ``NotReady`` (closing), ``DeadlineExceeded`` or
+        ``BatchFailed``; cancelling the caller drops what is still queued."""
         threshold = self.threshold(min_score, min_precision)
         span = request_span.get()
         if span is not None:
             span.set_attributes({"scs.model": self.name, "scs.model.version": self.version,
                                  "scs.sentences": len(texts)})
-        job = self.batcher.submit(texts, request_id, timeout_s, span)
-        scores = await job.future
+        if self.cache is None:
+            job = self.batcher.submit(texts, request_id, timeout_s, span, priority)
+            scores, truncated = await job.future, job.truncated
+        elif cached:
+            scores, truncated = await self._through_cache(self.cache, texts, request_id, timeout_s, span, priority)
+        else:
+            job = self.batcher.submit(texts, request_id, timeout_s, span, priority)
+            scores, truncated = [score for score, _ in await job.future], job.truncated
         abstained = None
         if threshold is not None:
             abstained = [s.probabilities[s.ranked[0]] < threshold for s in scores]
@@ -138,17 +161,59 @@ class Engine:
                 self.metrics.abstain(sum(abstained))
         if self.shadow is not None:
             self.shadow(texts, scores, abstained, min_score, min_precision)
-        return Answer(self.name, self.version, self.labels, scores, job.truncated, abstained, threshold,
+        return Answer(self.name, self.version, self.labels, scores, truncated, abstained, threshold,
                       self.multi_label)
 
-    def _run(self, sequences: list[list[int]]) -> list[Scores]:
-        """One batch on the model thread, which also feeds the drift window (after the run, off the event loop)."""
+    async def _through_cache(self, cache: ResponseCache, texts: list[str], request_id: str | None,
+                             timeout_s: float | None, span, priority: int | None) -> tuple[list[Scores], list[bool]]:
+        """The hits from the cache, the misses from the model (then stored), merged in input order."""
+        key, get, put = cache.key, cache.get, cache.put
+        keys = [key(text) for text in texts]
+        entries = [get(k) for k in keys]
+        missing = [index for index, entry in enumerate(entries) if entry is None]
+        if self.metrics is not None:
+            self.metrics.cache_lookups(len(texts) - len(missing), len(missing))
+        if len(missing) == len(texts):  # nothing cached: the request as it came (the all-distinct case)
+            job = self.batcher.submit(texts, request_id, timeout_s, span, priority)
+            results, truncated = await job.future, job.truncated
+            for k, (_, entry), cut in zip(keys, results, truncated):
+                put(k, entry, cut)
+            return [score for score, _ in results], truncated
+        scores: list = [None] * len(texts)
+        truncated = [False] * len(texts)
+        if missing:
+            job = self.batcher.submit([texts[index] for index in missing], request_id, timeout_s, span, priority)
+            for index, (score, entry), cut in zip(missing, await job.future, job.truncated):
+                scores[index], truncated[index] = score, cut
+                put(keys[index], entry, cut)
+        elif self.batcher.closing:
+            raise NotReady(draining=True)
+        rows = []
+        for index, entry in enumerate(entries):
+            if entry is not None:
+                scores[index] = score = cache.scores(entry)
+                truncated[index] = cache.truncated(entry)
+                rows.append(cache.bins(entry, score.ranked[0]))
+        if self.drift is not None:
+            self.drift.observe(rows)
+        return scores, truncated
+
+    def _run(self, sequences: list[list[int]]) -> list:
+        """One batch on the model thread, which also feeds the drift window and, with the cache on, packs each
+        sentence's cache entry (after the run, off the event loop): a list of ``Scores``, or of (``Scores``, entry)
+        pairs with the cache on."""
         started = self._clock()
         scores = self.runtime.run(sequences)
         self.model_time.add(sequences, self._clock() - started)
+        bins = None
         if self.drift is not None:
             classes = [s.ranked[0] for s in scores]
-            self.drift.observe(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])
+            bins = self.drift.bins(sequences, classes, [s.probabilities[c] for s, c in zip(scores, classes)])
+            self.drift.observe(bins)
+        if self.cache is not None:  # float32 -> Python float -> float32 is exact: the entry holds the model's bits
+            probabilities = np.array([s.probabilities for s in scores], np.float32)
+            ranked = np.array([s.ranked for s in scores])
+            return list(zip(scores, self.cache.pack(probabilities, ranked, bins)))
         return scores
 
     def threshold(self, min_score: float | None, min_precision: float | None) -> float | None:
@@ -166,8 +231,11 @@ class Engine:
 
     def describe(self) -> dict:
         """This version in ``GET /v1/models``."""
+        cache = self.cache
         return {"version": self.version, "state": "ready", "provider": self.provider, "kind": self.kind,
-                "multi_label": self.multi_label, "memory_bytes": self.memory_bytes, "queue_depth": self.queue_depth}
+                "multi_label": self.multi_label, "memory_bytes": self.memory_bytes, "queue_depth": self.queue_depth,
+                "cache": None if cache is None else {"entries": len(cache), "bytes": cache.bytes,
+                                                     "max_bytes": cache.max_bytes}}
 
     def summary(self) -> dict:
         """This version in ``GET /v1/model``: its manifest's summary, labels, files, provider and batching limits."""
@@ -190,9 +258,12 @@ class Engine:
         return self.batcher.queue_depth
 
     def release(self) -> None:
-        """After ``close``: free the session and the tokenizer, and hand the freed pages back to the system."""
+        """After ``close``: free the session, the tokenizer and the response cache, and hand the freed pages back to
+        the system."""
         self.runtime.close()
         self.batcher.release()
+        if self.cache is not None:
+            self.cache.clear()
         memory.trim()
 
     async def close(self, timeout_s: float) -> bool:

@@ -64,7 +64,7 @@ class GrpcV2Protocol:
 
     def __init__(self, settings: Settings) -> None:
         self.max_texts, self.max_chars = settings.max_texts, settings.max_text_chars
-        self.timeout_s = settings.request_timeout_s
+        self.timeout_s, self.priority_levels = settings.request_timeout_s, settings.priority_levels
 
     def parse(self, context, body: bytes) -> Call:
         message = parsed(ModelInferRequest, body)
@@ -77,7 +77,8 @@ class GrpcV2Protocol:
         raw = bool(message.raw_input_contents)
         texts = self._texts(message, request.inputs[0].shape, raw)
         deadline = context.time_remaining() if context is not None else None
-        call = call_of(request, texts, message.model_name, message.model_version or None, self.timeout_s, deadline)
+        call = call_of(request, texts, message.model_name, message.model_version or None, self.timeout_s,
+                       self.priority_levels, deadline)
         call.view = (request, raw)
         return call
 

@@ -54,6 +54,15 @@ class HotRoute:
         await respond(send, *reply)
 
 
+def no_cache(scope) -> bool:
+    """The request says ``Cache-Control: no-cache`` (or ``no-store``): it bypasses the response cache."""
+    for name, value in scope["headers"]:
+        if name == b"cache-control":
+            value = value.lower()
+            return b"no-cache" in value or b"no-store" in value
+    return False
+
+
 async def read_body(scope, receive, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to pass ``limit`` (never parsed)."""
     for name, value in scope["headers"]:

@@ -57,6 +57,15 @@ class Metrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("scs_queue_depth", "sentences waiting in the batch queue", MODEL, registry=r,
                                  multiprocess_mode="livesum")
+        # Priority levels (1 the highest): the same three views per level
+        self.level_depth = Gauge("scs_priority_queue_depth", "sentences waiting in the batch queue, per priority level",
+                                 [*MODEL, "priority"], registry=r, multiprocess_mode="livesum")
+        self.level_wait = Histogram("scs_priority_queue_wait_seconds", "time a sentence waited in the queue before "
+                                    "its run, per priority level", [*MODEL, "priority"], buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.level_rejections = Counter("scs_priority_rejections_total", "requests refused (queue_full) or dropped "
+                                        "(deadline_exceeded) by the batch queue, per priority level",
+                                        [*MODEL, "priority", "reason"], registry=r)
         self.model_info = Gauge("scs_model_info", "a model version being served, and its provider",
                                 ["name", "version", "provider"], registry=r, multiprocess_mode="livemax")
         self.model_memory = Gauge("scs_model_memory_bytes", "resident memory the processes grew by while loading "
@@ -66,6 +75,17 @@ class Metrics:
         self.drift_psi = Gauge("scs_drift_psi", "population stability index of the recent traffic against the "
                                "training data, per drift signal", [*MODEL, "signal"], registry=r,
                                multiprocess_mode="livemax")
+        # The response cache (service/cache.py), per model version and process
+        self.cache_hits = Counter("scs_cache_hits", "sentences answered from the response cache", MODEL, registry=r)
+        self.cache_misses = Counter("scs_cache_misses", "sentences looked up in the response cache and not found "
+                                    "(answered by the model, then stored)", MODEL, registry=r)
+        self.cache_evictions = Counter("scs_cache_evictions", "response cache entries evicted to stay within "
+                                       "SCS_CACHE_MAX_BYTES", MODEL, registry=r)
+        self.cache_bytes = Gauge("scs_cache_bytes", "bytes the response cache holds (its entries as charged against "
+                                 "SCS_CACHE_MAX_BYTES; with workers, summed over them)", MODEL, registry=r,
+                                 multiprocess_mode="livesum")
+        self.cache_entries = Gauge("scs_cache_entries", "entries the response cache holds", MODEL, registry=r,
+                                   multiprocess_mode="livesum")
         self.load_failures = Counter("scs_model_load_failures_total", "versions refused at load (checks failed)",
                                      MODEL, registry=r)
         self.worker_replacements = Counter("scs_worker_replacements_total", "workers started in place of one that "
@@ -162,12 +182,46 @@ class ModelMetrics:
         self._run = metrics.run_time.labels(model, version).observe
         self.abstain = metrics.abstentions.labels(model, version).inc
         self._drift: dict[str, Gauge] = {}  # signal -> its scs_drift_psi child (watch_drift)
+        self._levels: list = []  # priority level (1 first) -> (its wait's observe, its depth gauge) (watch_levels)
+        self._cache_gauges: list[Gauge] = []  # the response cache's bytes and entries (watch_cache)
 
-    def observe_dispatch(self, waits: Sequence[float]) -> None:
-        """A batch leaves the queue: how long each of its sentences waited."""
-        observe = self._wait
+    def watch_cache(self, cache) -> None:
+        """The response cache's series: hits, misses and evictions counted as they happen, its bytes and entries read
+        at scrape time."""
+        m, labels = self.metrics, (self.model, self.version)
+        self._hit = m.cache_hits.labels(*labels).inc
+        self._miss = m.cache_misses.labels(*labels).inc
+        self.cache_evicted = m.cache_evictions.labels(*labels).inc
+        self._cache_gauges = [m.cache_bytes.labels(*labels), m.cache_entries.labels(*labels)]
+        m.bind(self._cache_gauges[0], lambda: cache.bytes)
+        m.bind(self._cache_gauges[1], lambda: len(cache))
+
+    def cache_lookups(self, hits: int, misses: int) -> None:
+        if hits:
+            self._hit(hits)
+        if misses:
+            self._miss(misses)
+
+    def watch_levels(self, levels) -> None:
+        """Per priority level (the batcher's ``Level`` objects): its queue depth (read at scrape time), wait and
+        rejections, each shown from the start."""
+        m, labels = self.metrics, (self.model, self.version)
+        for level in levels:
+            priority = str(level.priority)
+            depth = m.level_depth.labels(*labels, priority)
+            m.bind(depth, lambda level=level: level.size)
+            self._levels.append((m.level_wait.labels(*labels, priority).observe, depth))
+            for reason in ("queue_full", "deadline_exceeded"):
+                m.level_rejections.labels(*labels, priority, reason)
+
+    def observe_dispatch(self, waits: Sequence[float], priorities: Sequence[int] = ()) -> None:
+        """A batch leaves the queue: how long each of its sentences waited, and at which priority level."""
+        observe, levels = self._wait, self._levels
         for wait in waits:
             observe(wait)
+        if levels:
+            for wait, priority in zip(waits, priorities):
+                levels[priority - 1][0](wait)
 
     def observe_batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
         """One model run: its size, tokens and time."""
@@ -178,8 +232,10 @@ class ModelMetrics:
         self._padded(padded_tokens)
         self._run(seconds)
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, priority: int | None = None) -> None:
         self.metrics.reject(reason, self.model, self.version)
+        if priority is not None and self._levels:
+            self.metrics.level_rejections.labels(self.model, self.version, str(priority), reason).inc()
 
     def watch_drift(self, monitor) -> None:
         """``scs_drift_psi`` per signal reads the monitor (at scrape time)."""
@@ -194,18 +250,20 @@ class ModelMetrics:
         """The version is unloaded: its series go (a scrape must not show a model that is not served)."""
         m, labels = self.metrics, (self.model, self.version)
         drift = list(self._drift.values())
-        for gauge in drift:
+        depths = [depth for _, depth in self._levels] + self._cache_gauges
+        for gauge in drift + depths:
             m.unbind(gauge)
         if m.multiprocess:  # series cannot be removed there: the gauges drop to 0, the counters keep their totals
             m.unbind(m.queue_depth.labels(*labels))
-            for gauge in drift:
+            for gauge in drift + depths:
                 gauge.set(0)
             for gauge in (m.queue_depth.labels(*labels), m.model_memory.labels(*labels),
                           m.model_info.labels(self.model, self.version, self.provider)):
                 gauge.set(0)
             return
         for family in (m.queue_wait, m.batch_size, m.batch_tokens, m.padding_ratio, m.real_tokens, m.padded_tokens,
-                       m.run_time, m.queue_depth, m.model_memory, m.abstentions):
+                       m.run_time, m.queue_depth, m.model_memory, m.abstentions, m.cache_hits, m.cache_misses,
+                       m.cache_evictions, m.cache_bytes, m.cache_entries):
             try:
                 family.remove(*labels)
             except KeyError:
@@ -216,3 +274,8 @@ class ModelMetrics:
             pass
         for name in self._drift:
             m.drift_psi.remove(*labels, name)
+        for priority in range(1, len(self._levels) + 1):
+            for family in (m.level_depth, m.level_wait):
+                family.remove(*labels, str(priority))
+            for reason in ("queue_full", "deadline_exceeded"):
+                m.level_rejections.remove(*labels, str(priority), reason)

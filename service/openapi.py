@@ -26,7 +26,7 @@ ERRORS = {
     "400": "malformed JSON or invalid UTF-8",
     "404": "no such model, or no such version of it served",
     "413": "body larger than SCS_MAX_BODY_BYTES",
-    "422": "request does not match the schema (also: text too long, too many texts, top_k out of range)",
+    "422": "request does not match the schema (also: text too long, too many texts, top_k or priority out of range)",
     "500": "the model run failed (details.error_id is in the logs)",
     "503": "queue full, warming up or shutting down (Retry-After)",
     "504": "not answered within SCS_REQUEST_TIMEOUT_S",
@@ -34,7 +34,8 @@ ERRORS = {
 _STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
 
 
-def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: int, secured: bool) -> None:
+def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: int, secured: bool,
+             priority_levels: int = 1) -> None:
     """Make ``app.openapi()`` return the refined schema."""
 
     def openapi() -> dict[str, Any]:
@@ -42,7 +43,7 @@ def document(app: FastAPI, *, max_text_chars: int, max_texts: int, num_classes: 
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             _classify(schema)
-            _limits(schema, max_text_chars, max_texts, num_classes)
+            _limits(schema, max_text_chars, max_texts, num_classes, priority_levels)
             _shapes(schema)
             if secured:
                 _auth(schema)
@@ -103,14 +104,18 @@ def _classify(schema: dict) -> None:
         }}
 
 
-def _limits(schema: dict, max_text_chars: int, max_texts: int, num_classes: int) -> None:
-    request = schema["components"]["schemas"]["ClassifyRequest"]
+def _limits(schema: dict, max_text_chars: int, max_texts: int, num_classes: int, priority_levels: int) -> None:
+    schemas = schema["components"]["schemas"]
+    priority = [{"type": "integer", "minimum": 0, "maximum": priority_levels}, {"type": "null"}]
+    schemas["RequestParameters"]["properties"]["priority"]["anyOf"] = priority
+    request = schemas["ClassifyRequest"]
     text = {"type": "string", "minLength": 1, "maxLength": max_text_chars, "pattern": TEXT_PATTERN}
     fields = request["properties"]
     fields["text"]["anyOf"] = [text, {"type": "null"}]
     fields["texts"]["anyOf"] = [{"type": "array", "items": text, "minItems": 1, "maxItems": max_texts},
                                 {"type": "null"}]
     fields["top_k"]["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": num_classes}, {"type": "null"}]
+    fields["priority"]["anyOf"] = priority
     request["oneOf"] = [  # exactly one of them given and not null
         {"required": ["text"], "properties": {"text": {"type": "string"}}},
         {"required": ["texts"], "properties": {"texts": {"type": "array"}}},

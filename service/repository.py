@@ -192,7 +192,7 @@ class Repository:
                                 f"version folder {version}")
         engine = Engine(name, runtime, self.settings.batch_limits(runtime.provider), self.metrics, self.executor,
                         self.settings.drift_window, self.settings.drift_alert_psi, self.tracing,
-                        self.settings.min_score)
+                        self.settings.min_score, self.settings.cache_max_bytes)
         engine.memory_bytes = max(0, memory.heap_in_use() - before)
         engine.metrics.memory(engine.memory_bytes)
         return engine

@@ -144,7 +144,7 @@ def create_api(state: ServiceState) -> FastAPI:
     add_v2_routes(api, state)
     document(api, max_text_chars=settings.max_text_chars, max_texts=settings.max_texts,
              num_classes=max(len(e.labels) for e in state.repository.all_engines()),
-             secured=settings.api_key is not None)
+             secured=settings.api_key is not None, priority_levels=settings.priority_levels)
     return api
 
 

@@ -34,6 +34,7 @@ TEXT_PATTERN = f"^[^{_CONTROL}]*[^\\s{_CONTROL}{_INVISIBLE}][^{_CONTROL}]*$"
 class Limits:
     max_text_chars: int
     max_texts: int
+    priority_levels: int = 1
 
 
 EXAMPLE_TEXT = "I still have not received my new card, I ordered over a week ago."
@@ -63,8 +64,14 @@ class ClassifyRequest(BaseModel):
                                         "manifest's `selective` thresholds, for "
                                         + ", ".join(map(str, SELECTIVE_PRECISIONS)) + ": the nearest one at or above "
                                         "it; 422 if this model version has none that high)")
+    priority: int | None = Field(None, ge=0, description="the batch queue's priority level, numbered as Triton "
+                                 "numbers them: 1 is the highest, up to SCS_PRIORITY_LEVELS; 0 or absent: the "
+                                 "default level (SCS_DEFAULT_PRIORITY). Under load the highest level with work is "
+                                 "served first, and a full queue refuses the lowest level first")
+    cache: bool = Field(True, description="false: bypass the response cache (the model answers, nothing is "
+                        "stored); so does the header `Cache-Control: no-cache`")
 
-    @field_validator("top_k", mode="before")
+    @field_validator("top_k", "priority", mode="before")
     @classmethod
     def _whole_number(cls, value: object) -> object:
         """JSON (and JSON Schema's "integer") treats 3.0 as the integer 3; strict mode alone would refuse it."""
@@ -82,6 +89,8 @@ class ClassifyRequest(BaseModel):
         """This model with the server's limits on text length and count (checked in Rust, as the pattern is)."""
         text = Annotated[str, Field(max_length=limits.max_text_chars, pattern=TEXT_PATTERN)]
         return create_model(cls.__name__, __base__=cls, __doc__=cls.__doc__,
+                            priority=(Annotated[int, Field(ge=0, le=limits.priority_levels)] | None,
+                                      cls.model_fields["priority"]),
                             text=(text | None, cls.model_fields["text"]),
                             texts=(Annotated[list[text], Field(min_length=1, max_length=limits.max_texts)] | None,
                                    cls.model_fields["texts"]))
@@ -106,6 +115,14 @@ def problem_with_text(text: str, max_chars: int) -> tuple[str, str] | None:
     if match:
         return "control_character", f"text holds control character U+{ord(match.group()):04X} at index {match.start()}"
     return None
+
+
+def priority_problem(value: object, levels: int | None) -> str:
+    """What is wrong with a priority out of range (/classify's field, V2's parameter); ``levels`` None: it is
+    negative."""
+    if levels is None:
+        return f"priority must be 0 (the default level) or a level from 1 (the highest) down, not {value!r}"
+    return f"priority must be 0 (the default level) or a level from 1 (the highest) to {levels}, not {value!r}"
 
 
 def blank(text: str) -> bool:
@@ -181,6 +198,8 @@ def _named(problem: dict) -> dict:
     """A text constraint pydantic checked (length, pattern, count) as the rule it is: ``text_too_long``,
     ``empty_text``, ``control_character``, ``too_many_texts``, ``empty_texts``."""
     kind, field, value = problem["type"], problem["loc"][:1], problem.get("input")
+    if field == ("priority",) and kind in ("less_than_equal", "greater_than_equal"):
+        return problem | {"type": "priority_out_of_range", "msg": priority_problem(value, problem["ctx"].get("le"))}
     if field not in (("text",), ("texts",)):
         return problem
     if kind == "string_too_long":

@@ -65,6 +65,16 @@ def _traces_url(base: str) -> str:
 CUDA_BATCH_DEFAULTS: dict[str, int | float] = {"max_batch_size": 256, "max_batch_tokens": 16384}
 
 
+def _per_level(text: str, name: str, levels: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected comma-separated numbers, one per priority level") from None
+    if len(values) != levels:
+        raise ValueError(f"{name}={text!r}: {len(values)} values for {levels} priority levels (SCS_PRIORITY_LEVELS)")
+    return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCS_", extra="forbid", protected_namespaces=())
 
@@ -95,6 +105,18 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(4096, ge=1, description="most queued sentences; beyond it requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504; its sentences never run")
 
+    # Priority classes (service/batcher.py): levels numbered as Triton numbers them, 1 the highest
+    priority_levels: int = Field(3, ge=1, le=10, description="priority levels a request may ask for (1: priorities "
+                                 "off)")
+    default_priority: int = Field(2, ge=1, description="the level of a request that gives none (or 0, as in Triton)")
+    priority_queue_shares: str = Field("", description="comma-separated, one per level, highest first: the share of "
+                                       "max_queue_size the whole queue may reach and still admit that level (empty: "
+                                       "level k of n gets (n - k + 1) / n)")
+    priority_timeouts_s: str = Field("", description="comma-separated, one per level, highest first: its default "
+                                     "deadline in seconds, at most request_timeout_s (empty: request_timeout_s)")
+    priority_fair_every: int = Field(8, ge=0, description="starvation guard: one batch in every N starts from the "
+                                     "oldest queued sentence of any level (0: never)")
+
     # Requests
     max_text_chars: int = Field(2000, ge=1, description="longest text in characters (longer: 422)")
     max_texts: int = Field(64, ge=1, description="most texts in one request (more: 422)")
@@ -103,6 +125,10 @@ class Settings(BaseSettings):
     min_score: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below this, "
                                     "unless the request sets min_score or min_precision (unset: the model's own "
                                     "out-of-scope threshold if it was exported with one, else never)")
+
+    # Response cache (service/cache.py)
+    cache_max_bytes: int = Field(32 * 2**20, ge=0, description="each served model version's response cache holds "
+                                 "at most this many bytes, per worker process (0: no cache)")
 
     # Input drift (service/drift.py)
     drift_window: int = Field(1000, ge=10, description="served sentences each model version's drift window holds")
@@ -167,10 +193,26 @@ class Settings(BaseSettings):
     def batch_limits(self, provider: str = "CPUExecutionProvider") -> BatchLimits:
         """The batching knobs for an engine on ``provider``: on CUDA, the knobs not set explicitly take
         ``CUDA_BATCH_DEFAULTS`` (a GPU runs a batch of hundreds in about the time of a batch of one)."""
-        limits = {field.name: getattr(self, field.name) for field in fields(BatchLimits)}
+        limits = {field.name: getattr(self, field.name) for field in fields(BatchLimits)
+                  if field.name in type(self).model_fields}
+        limits |= {"priority_queue_shares": self.queue_shares(), "priority_timeouts_s": self.level_timeouts(),
+                   "min_queue_bound": self.max_texts}
         if provider == "CUDAExecutionProvider":
             limits |= {k: v for k, v in CUDA_BATCH_DEFAULTS.items() if k not in self.model_fields_set}
         return BatchLimits(**limits)
+
+    def queue_shares(self) -> tuple[float, ...]:
+        """Each level's share of max_queue_size, highest level first."""
+        if self.priority_queue_shares.strip():
+            return _per_level(self.priority_queue_shares, "SCS_PRIORITY_QUEUE_SHARES", self.priority_levels)
+        n = self.priority_levels
+        return tuple((n - k + 1) / n for k in range(1, n + 1))
+
+    def level_timeouts(self) -> tuple[float, ...]:
+        """Each level's default deadline in seconds, highest level first."""
+        if self.priority_timeouts_s.strip():
+            return _per_level(self.priority_timeouts_s, "SCS_PRIORITY_TIMEOUTS_S", self.priority_levels)
+        return (self.request_timeout_s,) * self.priority_levels
 
     @field_validator("version_policy")
     @classmethod
@@ -196,4 +238,14 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.max_queue_size < self.max_texts:
             raise ValueError(f"max_queue_size ({self.max_queue_size}) must be >= max_texts ({self.max_texts})")
+        if self.default_priority > self.priority_levels:
+            raise ValueError(f"default_priority ({self.default_priority}) must be a level, 1 to priority_levels "
+                             f"({self.priority_levels})")
+        shares = self.queue_shares()
+        if not all(0 < share <= 1 for share in shares) or list(shares) != sorted(shares, reverse=True):
+            raise ValueError(f"priority_queue_shares {self.priority_queue_shares!r}: each share in (0, 1], a lower "
+                             f"level's never above a higher one's")
+        if not all(0 < timeout <= self.request_timeout_s for timeout in self.level_timeouts()):
+            raise ValueError(f"priority_timeouts_s {self.priority_timeouts_s!r}: each in (0, request_timeout_s "
+                             f"({self.request_timeout_s:g})]")
         return self

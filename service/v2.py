@@ -27,8 +27,8 @@ from . import __version__
 from .calls import Call, Reply
 from .engine import Answer
 from .errors import ServiceError
-from .hot_route import JSON
-from .schemas import problem_with_text
+from .hot_route import JSON, no_cache
+from .schemas import priority_problem, problem_with_text
 from .settings import Settings
 from .v2_tensors import bad, flatten, output, split, unpack_bytes
 
@@ -110,6 +110,10 @@ class RequestParameters(BaseModel):
     min_score: float | None = Field(None, ge=0, le=1, description="abstain (LABEL '') below this top score")
     min_precision: float | None = Field(None, gt=0, le=max(SELECTIVE_PRECISIONS), description="abstain below the "
                                         "threshold that reached this precision on the model's validation split")
+    priority: int | None = Field(None, ge=0, description="the batch queue's priority level as Triton numbers it: 1 "
+                                 "the highest, up to SCS_PRIORITY_LEVELS; 0: the default level")
+    cache: bool | None = Field(None, description="false: bypass the response cache (the header `Cache-Control: "
+                               "no-cache` does too)")
 
     @field_validator("min_score", "min_precision", mode="before")
     @classmethod
@@ -234,15 +238,20 @@ def validated(request: object) -> InferRequest:
 
 
 def call_of(request: InferRequest, texts: list[str], model: str | None, version: str | None, server_timeout_s: float,
-            deadline_s: float | None = None) -> Call:
-    """The engine call a validated request makes: its thresholds, and its deadline (``parameters.timeout`` in
+            priority_levels: int, deadline_s: float | None = None, cached: bool = True) -> Call:
+    """The engine call a validated request makes: its thresholds, its deadline (``parameters.timeout`` in
     microseconds, as Triton reads it, and the transport's own ``deadline_s`` where it has one; at most the
-    server's)."""
+    server's), its priority level (``parameters.priority``: Triton's numbering, 1 the highest, 0 the default; a 400
+    beyond ``priority_levels``, where Triton would fall back to the default) and whether it may use the response
+    cache (``parameters.cache``, and ``cached``: what the transport says)."""
     parameters = request.parameters or RequestParameters()
     timeout = None if parameters.timeout is None else min(server_timeout_s, parameters.timeout / 1e6)
     if deadline_s is not None:
         timeout = deadline_s if timeout is None else min(timeout, deadline_s)
-    return Call(texts, model, version, parameters.min_score, parameters.min_precision, timeout, request)
+    if parameters.priority is not None and parameters.priority > priority_levels:
+        raise bad(f"parameters.{priority_problem(parameters.priority, priority_levels)}")
+    return Call(texts, model, version, parameters.min_score, parameters.min_precision, timeout, request,
+                parameters.priority or None, cached and parameters.cache is not False)
 
 
 def check_count(count: int, max_texts: int) -> None:
@@ -304,7 +313,7 @@ class V2Protocol:
     def __init__(self, settings: Settings) -> None:
         self.max_body, self.max_texts, self.max_chars = (settings.max_body_bytes, settings.max_texts,
                                                          settings.max_text_chars)
-        self.timeout_s = settings.request_timeout_s
+        self.timeout_s, self.priority_levels = settings.request_timeout_s, settings.priority_levels
 
     def parse(self, scope, body: bytes) -> Call:
         model, version = INFER.match(scope["path"]).groups()
@@ -313,7 +322,8 @@ class V2Protocol:
             request = InferRequest.model_validate_json(head)
         except ValidationError as error:
             raise bad(validation_message(error)) from None
-        return call_of(request, self._texts(request.inputs[0], binary), model, version, self.timeout_s)
+        return call_of(request, self._texts(request.inputs[0], binary), model, version, self.timeout_s,
+                       self.priority_levels, cached=not no_cache(scope))
 
     def _texts(self, tensor: InputTensor, binary: bytes) -> list[str]:
         count = tensor.shape[0]

@@ -339,7 +339,8 @@ def in_process(runtime, plain_uvicorn: bool = False, **settings) -> Iterator[Ser
     from service.settings import Settings
 
     port = free_port()
-    settings = {"grpc_port": 0} | settings  # gRPC off unless asked for (grpc_port=free_port())
+    # gRPC off unless asked for (grpc_port=free_port()); the response cache too: these tests watch the model path
+    settings = {"grpc_port": 0, "cache_max_bytes": 0} | settings
     config = Settings(model_dir=runtime.artifact.folder, host="127.0.0.1", port=port, **settings)
     app = create_app(config, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)

@@ -290,10 +290,10 @@ def test_a_broken_drift_reference_refuses_the_version_naming_the_field_and_the_g
         with pytest.raises(contract.ArtifactError, match=says):
             DriftMonitor(manifest.model_copy(update={"drift": broken}), 1000, 0.25)
     monitor = DriftMonitor(manifest, 1000, 0.25)
-    monitor.observe([[5] * 8], [0], [0.99])
+    monitor.observe(monitor.bins([[5] * 8], [0], [0.99]))
     assert monitor.psi(0) > 1 and monitor.gauge(0) == 0.0  # one sentence: a huge PSI that means nothing yet
     small = DriftMonitor(manifest, 20, 0.25)
-    small.observe([[5] * 8] * 20, [0] * 20, [0.99] * 20)
+    small.observe(small.bins([[5] * 8] * 20, [0] * 20, [0.99] * 20))
     assert small.enough and small.gauge(0) == small.psi(0)  # a window smaller than 100 counts once it is full
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, TEST_ARTIFACT, TEST_CSV, assert_one_line_error, run_cli
 from loadtest import report
-from loadtest.data import percentile, read_sentences, request_bodies
+from loadtest.data import UNIQUE, percentile, read_sentences, request_bodies
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
 TINY = ["--concurrency", "1,4", "--seconds", "1", "--warmup", "0", "--ceiling-seconds", "0.1", "--open-seconds", "0.5"]
@@ -60,6 +60,30 @@ def test_the_request_bodies_and_percentiles():
     assert percentile([3, 1, 2], 50) == 2 and percentile([], 99) == 0 and percentile(list(range(100)), 99) == 98
     with pytest.raises(ValueError, match="no column 'sentence'"):
         read_sentences(TEST_CSV, "sentence")
+    zipf = [json.loads(body)["text"] for _, body, _ in request_bodies(sentences, count=4000, workload="zipf")]
+    uniform = [json.loads(body)["text"] for _, body, _ in single + request_bodies(sentences, count=3950)]
+    assert len(set(zipf)) < len(set(uniform)) / 2  # a Zipf law (s=1.1) repeats its head
+    distinct = request_bodies(sentences, count=20, workload="distinct")
+    assert all(json.loads(body)["text"].endswith(f" {UNIQUE}") for _, body, _ in distinct)
+
+
+def test_the_cache_and_priority_bars_are_judged_from_their_figures():
+    points = [{"config": config, "mode": "closed", "load": 64, "rps": rps, "cache_hit_ratio": 0.9}
+              for config, rps in (("on", 1000.0), ("cached", 2100.0))]
+    level = {"rejected": 0, "p99_ms": 100.0}
+    run = {"points": points, "meta": {"workload": "zipf", "zipf_s": 1.1},
+           "cache_equality": {"sentences": 10, "bit_equal": 10, "all_hits": True},
+           "priorities": {"runs": {"on": {"answered_rps": 96.0, "levels": {"high": level, "low": level | {
+               "rejected": 5, "p99_ms": 500.0}}}, "off": {"answered_rps": 100.0}}},
+           "cache_rss": {"texts": 10, "max_bytes": 2**20, "rss_growth": 2**20 * 1.2, "growth_over_max": 1.2,
+                         "entries": 5}}
+    rows = []
+    report.cache_bars(run, lambda name, value, passed: rows.append((name.split(":")[0], passed)))
+    assert [passed for _, passed in rows] == [True, True, True, True, True, False]
+    run["meta"]["workload"] = "distinct"
+    rows.clear()
+    report.cache_bars(run, lambda name, value, passed: rows.append(passed))
+    assert rows[0] is True  # 2.1x >= 0.97x
 
 
 @pytest.mark.slow

@@ -17,8 +17,9 @@ from service.settings import Settings
 
 
 def limits(**overrides):
-    """The service's defaults (from Settings, their one source) with ``overrides`` (queues as small as 1 allowed)."""
-    return Settings(**{"max_texts": 1} | overrides).batch_limits()
+    """The service's defaults (from Settings, their one source) with ``overrides`` (queues as small as 1 allowed),
+    one priority level unless the overrides set more."""
+    return Settings(**{"max_texts": 1, "priority_levels": 1, "default_priority": 1} | overrides).batch_limits()
 
 
 class FakeModel:
@@ -255,6 +256,88 @@ def test_close_finishes_queued_work_then_refuses():
     assert answers == [[(i,)] for i in range(7)] and first == [(999,)]
 
 
+def test_the_highest_level_with_work_runs_first_and_keeps_its_length_groups():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, priority_levels=3, default_priority=2, max_batch_size=2)
+        first = await hold_first_batch(batcher, model)
+        low = [batcher.submit([sentence(3, 30 + i)], priority=3) for i in range(2)]
+        middle = batcher.submit([sentence(3, 20)])  # no priority: the default level, 2
+        high = [batcher.submit([sentence(length, 10 + i)], priority=1) for i, length in enumerate((3, 9, 3))]
+        model.gate.set()
+        await first
+        await asyncio.gather(*(job.future for job in [*low, middle, *high]))
+        await batcher.close()
+        return [[s[0] for s in batch] for batch in model.batches[1:]]
+
+    batches = run(scenario())
+    # level 1 first, its two length-3 sentences together; then its length-9 one (with a length-3 one it would pad
+    # past max_padding_ratio); then level 2, then level 3
+    assert batches[0] == [10, 12]
+    assert batches[1][0] == 11 and [s for batch in batches for s in batch][3:] == [20, 30, 31]
+
+
+def test_a_full_queue_refuses_the_lowest_level_first():
+    async def scenario():
+        model = FakeModel()
+        # shares 1, 2/3, 1/3 of 6: the whole queue may reach 6, 4, 2 sentences and still admit level 1, 2, 3
+        batcher = await started(model, priority_levels=3, default_priority=2, max_queue_size=6)
+        first = await hold_first_batch(batcher, model)
+        jobs = [batcher.submit([[1], [2]], priority=3)]
+        with pytest.raises(QueueFull):
+            batcher.submit([[3]], priority=3)
+        jobs.append(batcher.submit([[4], [5]], priority=2))
+        with pytest.raises(QueueFull):
+            batcher.submit([[6]], priority=2)
+        jobs.append(batcher.submit([[7], [8]], priority=1))
+        with pytest.raises(QueueFull):
+            batcher.submit([[9]], priority=1)
+        model.gate.set()
+        await first
+        await asyncio.gather(*(job.future for job in jobs))
+        await batcher.close()
+        return model
+
+    ran = run(scenario()).ran()
+    assert all([tag] in ran for tag in (1, 2, 4, 5, 7, 8)) and not any([tag] in ran for tag in (3, 6, 9))
+
+
+def test_the_starvation_guard_runs_the_oldest_sentence_of_any_level_every_nth_batch():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, priority_levels=2, default_priority=2, max_batch_size=1, priority_fair_every=3)
+        first = await hold_first_batch(batcher, model)  # batch 1
+        low = batcher.submit([[50]], priority=2)
+        high = [batcher.submit([[10 + i]], priority=1) for i in range(6)]
+        model.gate.set()
+        await first
+        await asyncio.gather(low.future, *(job.future for job in high))
+        await batcher.close()
+        return [batch[0][0] for batch in model.batches[1:]]
+
+    # batches 2 and 3 take level 1's oldest; batch 3 is the third: the oldest of any level, the low sentence
+    assert run(scenario()) == [10, 50, 11, 12, 13, 14, 15]
+
+
+def test_each_level_has_its_own_default_deadline():
+    async def scenario():
+        model = FakeModel()
+        batcher = await started(model, priority_levels=2, default_priority=1, priority_timeouts_s="10,0.2")
+        first = await hold_first_batch(batcher, model)
+        patient, hurried = batcher.submit([[1]], priority=1), batcher.submit([[2]], priority=2)
+        with pytest.raises(DeadlineExceeded):
+            await hurried.future
+        assert not patient.future.done()
+        model.gate.set()
+        await first
+        await patient.future
+        await batcher.close()
+        return model
+
+    ran = run(scenario()).ran()
+    assert [1] in ran and [2] not in ran
+
+
 def test_max_wait_lets_a_batch_fill():
     async def scenario():
         model = FakeModel()
@@ -383,18 +466,18 @@ class Dispatches:
     def __init__(self) -> None:
         self.items = 0
 
-    def observe_dispatch(self, waits) -> None:
+    def observe_dispatch(self, waits, priorities) -> None:
         self.items += len(waits)
 
     def observe_batch(self, *args) -> None:
         pass
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, priority: int | None = None) -> None:
         pass
 
 
 ACTIONS = st.lists(st.one_of(
-    st.tuples(st.just("submit"), st.lists(st.integers(1, 30), min_size=1, max_size=6)),
+    st.tuples(st.just("submit"), st.lists(st.integers(1, 30), min_size=1, max_size=6), st.integers(1, 3)),
     st.tuples(st.just("leave"), st.integers(0, 1000)),
     st.tuples(st.just("release"), st.integers(1, 3)),
     st.tuples(st.just("wait"), st.sampled_from([0.0, 0.01, 0.03])),
@@ -403,12 +486,15 @@ ACTIONS = st.lists(st.one_of(
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(ACTIONS, st.integers(1, 8), st.integers(30, 200), st.integers(6, 40), st.sampled_from([0.02, 0.2, 30.0]))
-def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, max_tokens, queue, timeout):
+@given(ACTIONS, st.integers(1, 8), st.integers(30, 200), st.integers(6, 40), st.sampled_from([0.02, 0.2, 30.0]),
+       st.sampled_from([1, 3]))
+def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, max_tokens, queue, timeout, levels):
+    """Also with three priority levels (each submit asks for one), their queue shares and the starvation guard."""
     async def scenario():
         model, dispatches = SteppedModel(), Dispatches()
         batcher = Batcher(model, limits(max_batch_size=max_size, max_batch_tokens=max_tokens, max_padding_ratio=10.0,
-                                        max_queue_size=queue, request_timeout_s=timeout), dispatches)
+                                        max_queue_size=queue, request_timeout_s=timeout, priority_levels=levels,
+                                        priority_fair_every=3), dispatches)
         batcher.start()
         loop = asyncio.get_running_loop()
         tags = iter(range(1_000, 10**9))
@@ -424,12 +510,12 @@ def test_any_interleaving_answers_each_accepted_request_once(actions, max_size, 
             with model.lock:
                 return {t for batch in model.batches for t in batch}
 
-        for action, value in actions:
+        for action, value, *priority in actions:
             if action == "submit":
                 request = [[next(tags)] + [7] * (length - 1) for length in value]
                 submitted = loop.time()  # before submit, which takes the deadline from its own reading
                 try:
-                    job = batcher.submit(request)
+                    job = batcher.submit(request, priority=min(priority[0], levels))
                 except QueueFull:
                     refused.append(request)
                     continue

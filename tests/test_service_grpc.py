@@ -306,7 +306,7 @@ def held(test_artifact):
     gate.set()  # open for the warm-up
     runtime.run = lambda sequences: (gate.wait(30), ran.append(len(sequences)), real_run(sequences))[2]
     with in_process(runtime, grpc_port=free_port(), max_batch_size=4, max_texts=4, max_queue_size=8,
-                    request_timeout_s=5.0) as service:
+                    request_timeout_s=5.0, priority_levels=1, default_priority=1) as service:  # one queue, all of it
         gate.clear()
         ran.clear()  # the warm-up's runs
         service.gate, service.ran = gate, ran

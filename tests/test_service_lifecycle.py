@@ -165,7 +165,8 @@ def test_a_dying_batcher_task_makes_the_process_exit_3(test_artifact, tmp_path):
              "def broken(self, now):\n    calls.append(now)\n"
              "    if len(calls) > 1: raise RuntimeError('injected: batcher bug')\n    return take(self, now)\n"
              "b.Batcher._take = broken")
-    svc = start_service(test_artifact, tmp_path / "service.log", argv=with_fault(fault), ready_timeout=90)
+    svc = start_service(test_artifact, tmp_path / "service.log", argv=with_fault(fault), ready_timeout=90,
+                        CACHE_MAX_BYTES=0)  # every request reaches the model
     try:
         assert httpx.post(f"{svc.url}/classify", json={"text": TEXT}).status_code == 200
         doomed = httpx.post(f"{svc.url}/classify", json={"text": TEXT}, timeout=10)

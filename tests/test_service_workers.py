@@ -33,7 +33,7 @@ def test_the_default_is_the_cpus_this_process_may_use():
 
 @pytest.mark.slow
 def test_two_workers_answer_as_one_service_and_sum_their_metrics(service_factory, test_artifact):
-    svc = service_factory(test_artifact.parent, WORKERS=2)
+    svc = service_factory(test_artifact.parent, WORKERS=2, CACHE_MAX_BYTES=0)  # every sentence runs
     assert len(workers_of(svc)) == 2
     before = svc.metric("scs_requests_total", endpoint="/classify", status="200")
 

@@ -6,6 +6,12 @@
 
 local requests_ = {}
 local counts = {}
+-- Each UNIQUE in a body (the distinct workload, loadtest/data.py) becomes a number no request of any run sent before:
+-- such a request is formatted as it goes (a counter from the clock, so runs never meet).
+local UNIQUE = "@@UNIQUE@@"
+local parts = {}
+local path_ = "/classify"
+local counter = 0
 local threads = {}
 local position = 0
 sent, sent_sentences = 0, 0
@@ -21,6 +27,8 @@ end
 
 function init(args)
   local path = args[2] or "/classify"
+  path_ = path
+  counter = os.time() * 100000 + (offset or 0)
   for line in io.lines(args[1]) do
     local count, header, body = line:match("^(%d+)\t(%d+)\t(%x+)$")
     if body then
@@ -28,7 +36,13 @@ function init(args)
       if tonumber(header) > 0 then
         headers = {["Content-Type"] = "application/octet-stream", ["Inference-Header-Content-Length"] = header}
       end
-      table.insert(requests_, wrk.format("POST", path, headers, unhex(body)))
+      local text = unhex(body)
+      if text:find(UNIQUE, 1, true) then
+        table.insert(parts, {text, headers})
+      else
+        table.insert(parts, false)
+      end
+      table.insert(requests_, wrk.format("POST", path, headers, text))
       table.insert(counts, tonumber(count))
     end
   end
@@ -42,6 +56,14 @@ function request()
   position = position % #requests_ + 1
   sent = sent + 1
   sent_sentences = sent_sentences + counts[position]
+  local unique = parts[position]
+  if unique then
+    local body = unique[1]:gsub(UNIQUE, function()
+      counter = counter + 1
+      return string.format("%x", counter)
+    end)
+    return wrk.format("POST", path_, unique[2], body)
+  end
   return requests_[position]
 end
 
