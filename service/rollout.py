@@ -221,7 +221,10 @@ class Shadow:
         if self.stage != "shadow":
             return
         shifts = self.shifts
-        for index, (mine, theirs) in enumerate(zip(done.result(), live)):
+        results = done.result()
+        if self.candidate.cache is not None:  # with its response cache on, a batch's results are (Scores, entry)
+            results = [scores for scores, _ in results]
+        for index, (mine, theirs) in enumerate(zip(results, live)):
             top = mine.ranked[0]
             self.agreed += top == theirs.ranked[0]
             shift = max(abs(a - b) for a, b in zip(mine.probabilities, theirs.probabilities))

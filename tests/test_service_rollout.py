@@ -38,7 +38,8 @@ class Clients:
     def __init__(self, url: str, texts: list[str], clients: int = 4) -> None:
         self.url, self.texts = url, texts
         self.answers: list[tuple[int, int, dict | str]] = []  # (status, first sentence's index, body)
-        self.stopping = threading.Event()
+        self.stopping, self.sending = threading.Event(), threading.Event()
+        self.sending.set()
         self.threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(clients)]
         for thread in self.threads:
             thread.start()
@@ -47,6 +48,8 @@ class Clients:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             n = seed
             while not self.stopping.is_set():
+                if not self.sending.wait(0.1):  # paused: at most the request in flight goes on
+                    continue
                 start = (n * 4) % (len(self.texts) - 4)
                 body = {"texts": self.texts[start:start + 4], "top_k": 1} | ({"min_score": 0.3} if n % 2 else {})
                 try:
@@ -121,10 +124,12 @@ def test_a_shadow_gate_promotes_the_same_weights_and_refuses_another_seed(tmp_pa
         # Another seed as version 3 under min_agreement 0.99: refused, version 2 keeps serving, the route and the
         # log say which criterion failed and by how much.
         place(SEED_1, root, 3)
+        clients.sending.clear()  # while paused the candidate cannot reach its verdict (at most 16 sentences copied)
         assert httpx.post(f"{svc.url}/v2/repository/models/m/load").json()["candidates"][0]["version"] == 3
         shadowed = httpx.post(f"{svc.url}/classify", json={"text": texts[0], "version": "3"})
         assert_error(shadowed, 404, "not_found")
         assert "candidate in shadow" in shadowed.json()["error"]["message"]
+        clients.sending.set()
         assert wait_for(lambda: report(svc.url, 3)["verdict"] is not None, 60), report(svc.url, 3)
         other = report(svc.url, 3)
         assert other["verdict"] == "refused" and other["agreement"] < 0.99, other
