@@ -3,7 +3,8 @@
     python -m loadtest.swap --old models/banking77/1 --new models/banking77/2 [--seconds 20] [--clients 64]
     python -m loadtest.swap --old models/banking77/1 --new models/banking77/1 --phases churn [--rounds 30]
 
-Two phases, each a fresh ``python -m service`` on a temporary repository holding ``--old`` as version 1 (pinned
+The service runs with the response cache off (``--cache-bytes``: on, with that bound), so every answer is the
+model's: what a swap or a shadow competes with. Two phases, each a fresh ``python -m service`` on a temporary repository holding ``--old`` as version 1 (pinned
 to core 0; this generator on core 1), with ``--clients`` closed-loop clients sending 4-text requests for
 ``--seconds``:
 - poll: ``SCS_REPOSITORY_POLL_S=0.5``; at 1/4 of the run ``--new`` is dropped in as version 2 (copied under a
@@ -90,7 +91,7 @@ def phase(mode: str, args, reference: dict[str, list[np.ndarray]], bodies, log: 
     shutil.copytree(args.old, repository / NAME / "1")
     port = free_port()
     env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_REQUEST_TIMEOUT_S": "10",
-           "SCS_GRPC_PORT": "0"}
+           "SCS_GRPC_PORT": "0", "SCS_CACHE_MAX_BYTES": str(args.cache_bytes)}
     if mode == "poll":
         env["SCS_REPOSITORY_POLL_S"] = "0.5"
     server = Server(f"service ({mode})", [sys.executable, "-m", "service", "--model-dir", str(repository),
@@ -161,7 +162,7 @@ def churn(args, bodies, log: Path) -> dict:
     shutil.copytree(args.old, repository / NAME / "1")
     port = free_port()
     env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_WORKERS": "1",
-           "SCS_GRPC_PORT": "0"}
+           "SCS_GRPC_PORT": "0", "SCS_CACHE_MAX_BYTES": str(args.cache_bytes)}
     server = Server("service (churn)", [sys.executable, "-m", "service", "--model-dir", str(repository),
                                         "--host", "127.0.0.1", "--port", str(port)], port, env)
     server.start(0, log)
@@ -215,7 +216,7 @@ def shadow(args, reference: dict[str, list[np.ndarray]], bodies, log: Path) -> d
     shutil.copytree(args.old, repository / NAME / "1")
     port = free_port()
     env = {"SCS_LOG_LEVEL": "warning", "SCS_PROVIDER": "cpu", "SCS_API_KEY": KEY, "SCS_REQUEST_TIMEOUT_S": "10",
-           "SCS_GRPC_PORT": "0", "SCS_WORKERS": "1"}
+           "SCS_GRPC_PORT": "0", "SCS_CACHE_MAX_BYTES": str(args.cache_bytes), "SCS_WORKERS": "1"}
     server = Server("service (shadow)", [sys.executable, "-m", "service", "--model-dir", str(repository),
                                          "--host", "127.0.0.1", "--port", str(port)], port, env)
     server.start(0, log)
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 2000)")
     parser.add_argument("--gate-timeout", type=float, default=120.0, help="shadow: the gate's timeout_s (default 120)")
     parser.add_argument("--max-p99-ratio", type=float, default=1.2, help="shadow: p99 bar, shadow on / off (1.2)")
+    parser.add_argument("--cache-bytes", type=int, default=0, help="the service's SCS_CACHE_MAX_BYTES (default 0: "
+                        "off, so every answer comes from the model, as in the other reliability runs)")
     parser.add_argument("--log", type=Path, help="server log (default: a temporary file)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]

@@ -9,7 +9,9 @@ version a *candidate* instead of swapping it in: it is checked, loaded and warme
   the copy is queued only once the live answer exists (on the next turn of the event loop, after it was written),
   it goes to the candidate's own batch queue, so at most one shadow batch waits on the shared model thread, and
   **a copy is dropped (counted as shed) when the candidate already holds ``SCS_SHADOW_QUEUE`` sentences or the live
-  version's queue is over half of ``SCS_MAX_QUEUE_SIZE``**: under load the shadow is what goes first.
+  version's queue is over half of ``SCS_MAX_QUEUE_SIZE``**: under load the shadow is what goes first. With the
+  response cache on, a copy whose sentences the candidate already answered is compared from the candidate's cache
+  (answers are batch-invariant), so repeated traffic costs the shadow no model run; the others are run and kept.
 - **gate**: once ``min_sentences`` are compared, the criteria are checked (``min_agreement``,
   ``max_abstention_increase``, optionally ``max_latency_ratio``); all hold: promoted (or on to the canary), else
   refused, and the log line and the shadow route name each failed criterion and by how much. ``timeout_s`` without
@@ -36,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ServiceError
 
 if TYPE_CHECKING:
+    from .batcher import Job
     from .engine import Engine
     from .metrics import Metrics
     from .runtime import Scores
@@ -201,29 +204,41 @@ class Shadow:
             threshold = self.candidate.threshold(min_score, min_precision)
         except ServiceError:  # the candidate has no threshold for that precision: its abstentions are not compared
             threshold = None
+        cache = self.candidate.cache
+        if cache is not None:  # sentences the candidate already answered: compared again at no model cost
+            entries = [cache.get(cache.key(text)) for text in texts]
+            if None not in entries:
+                self._compare_scores([cache.scores(entry) for entry in entries], scores, abstained, threshold)
+                return
         try:
             job = self.candidate.batcher.submit(texts)
         except ServiceError:  # closing, or full after all
             self._count_shed(len(texts))
             return
-        job.future.add_done_callback(lambda done: self._compare(done, scores, abstained, threshold))
+        job.future.add_done_callback(lambda done: self._compare(done, job, texts, scores, abstained, threshold))
 
     def _count_shed(self, count: int) -> None:
         self.shed += count
         if self._counted is not None:
             self._counted[1](count)
 
-    def _compare(self, done: asyncio.Future, live: list[Scores], live_abstained: list[bool] | None,
-                 threshold: float | None) -> None:
+    def _compare(self, done: asyncio.Future, job: Job, texts: list[str], live: list[Scores],
+                 live_abstained: list[bool] | None, threshold: float | None) -> None:
         if done.cancelled() or done.exception() is not None:  # expired or failed: shed, never an error to anyone
             self._count_shed(len(live))
             return
+        results, cache = done.result(), self.candidate.cache
+        if cache is not None:  # with its response cache on, a batch's results are (Scores, entry): kept for next time
+            for text, (_, entry), cut in zip(texts, results, job.truncated):
+                cache.put(cache.key(text), entry, cut)
+            results = [scores for scores, _ in results]
+        self._compare_scores(results, live, live_abstained, threshold)
+
+    def _compare_scores(self, results: list[Scores], live: list[Scores], live_abstained: list[bool] | None,
+                        threshold: float | None) -> None:
         if self.stage != "shadow":
             return
         shifts = self.shifts
-        results = done.result()
-        if self.candidate.cache is not None:  # with its response cache on, a batch's results are (Scores, entry)
-            results = [scores for scores, _ in results]
         for index, (mine, theirs) in enumerate(zip(results, live)):
             top = mine.ranked[0]
             self.agreed += top == theirs.ranked[0]
