@@ -10,6 +10,7 @@ once the models are warm when this process is one worker of several.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -177,6 +178,14 @@ class App:
         if self.grpc is None:
             return asyncio.sleep(0)
         return self.grpc.stop(grace_s)
+
+    def release_grpc(self) -> None:
+        """Let go of the stopped gRPC server while the event loop still runs: grpcio's asyncio layer then shuts down
+        here, rather than at interpreter exit, where it prints an empty "Error in sys.excepthook" (grpc/grpc#38679)."""
+        if self.grpc is not None:
+            self.grpc.server = None
+            self.grpc = None
+            gc.collect()
 
     async def _refresh_gauges(self) -> None:
         while True:

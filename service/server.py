@@ -100,6 +100,7 @@ class Server(uvicorn.Server):
         grpc_stopped = self.config.app.stop_grpc(self.state.time_left())
         await super().shutdown(sockets)
         await grpc_stopped
+        self.config.app.release_grpc()
 
     def _serve_backlog(self, sockets: list[socket.socket]) -> None:
         """Accept what the kernel already queued on the listening sockets, so closing them resets no client that
