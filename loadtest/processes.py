@@ -289,7 +289,9 @@ def core_busy_seconds(core: int | None) -> float | None:
         times = psutil.cpu_times(percpu=True)[core]
     except (psutil.Error, OSError, IndexError):
         return None
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    # guest and guest_nice are already counted in user and nice (Linux)
+    idle = times.idle + sum(getattr(times, field, 0.0) for field in ("iowait", "guest", "guest_nice"))
+    return sum(times) - idle
 
 
 def _tail(log: Path, lines: int = 5) -> str:

@@ -57,10 +57,10 @@ def as_ids(sequences: list) -> tuple[list[list[int]], list[bool]]:
 
 
 class Job(Generic[R]):
-    """One request: its sentences resolve ``future`` together, in input order, and ``ids`` and ``truncated`` hold
-    their tokens once tokenized. Cancelling the future (the client left) drops its sentences still queued."""
+    """One request: its sentences resolve ``future`` together, in input order, and ``truncated`` says which were cut
+    once tokenized. Cancelling the future (the client left) drops its sentences still queued."""
 
-    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span", "queued_at", "ids",
+    __slots__ = ("future", "results", "remaining", "deadline", "timeout_s", "request_id", "span", "queued_at",
                  "truncated", "level")
 
     def __init__(self, future: asyncio.Future, count: int, now: float, timeout_s: float,
@@ -74,7 +74,6 @@ class Job(Generic[R]):
         self.span = span  # the request's sampled trace span, or None
         # time.monotonic() when traced: the loop's clock is only millisecond-exact under uvloop
         self.queued_at = time.monotonic() if span is not None else 0.0
-        self.ids: list[list[int]] = [[]] * count
         self.truncated: list[bool] = [False] * count
 
     def fail(self, error: Exception) -> None:
@@ -278,7 +277,7 @@ class Batcher(Generic[R]):
         ids, truncated = self._encode([item.ids for item in new])
         for item, sequence, cut in zip(new, ids, truncated):
             job = item.job
-            item.ids = job.ids[item.index] = sequence
+            item.ids = sequence
             item.length = length = len(sequence)
             job.truncated[item.index] = cut
             buckets = job.level.buckets

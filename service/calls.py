@@ -50,7 +50,7 @@ Reply = tuple[int, bytes, bytes, dict[str, str] | None]  # an HTTP answer: statu
 async def infer(repository: Repository, protocol: WireProtocol, call: Call) -> Answer:
     """The request's one engine call, on the version it names (404 ``ServiceError`` if none is served)."""
     # From routing to the queue nothing awaits: the version routed to cannot leave the table in between.
-    engine = repository.route(call.model, call.version)
+    engine = repository.route(call.model, call.version, canary=True)
     protocol.check(call, engine.labels)
     return await engine.classify(call.texts, call.min_score, call.min_precision, call.timeout_s, request_id.get(),
                                  call.priority, call.cached)

@@ -146,14 +146,13 @@ class Engine:
         if span is not None:
             span.set_attributes({"scs.model": self.name, "scs.model.version": self.version,
                                  "scs.sentences": len(texts)})
-        if self.cache is None:
-            job = self.batcher.submit(texts, request_id, timeout_s, span, priority)
-            scores, truncated = await job.future, job.truncated
-        elif cached:
+        if self.cache is not None and cached:
             scores, truncated = await self._through_cache(self.cache, texts, request_id, timeout_s, span, priority)
         else:
             job = self.batcher.submit(texts, request_id, timeout_s, span, priority)
-            scores, truncated = [score for score, _ in await job.future], job.truncated
+            scores, truncated = await job.future, job.truncated
+            if self.cache is not None:  # bypassed: the batch's (Scores, entry) pairs, nothing stored
+                scores = [score for score, _ in scores]
         abstained = None
         if threshold is not None:
             abstained = [s.probabilities[s.ranked[0]] < threshold for s in scores]

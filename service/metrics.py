@@ -124,8 +124,8 @@ class Metrics:
     def bind(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """``gauge`` shows ``read()``: at scrape time (no cost on the hot path), or, with several workers, as of
         the last ``refresh``."""
-        if self.multiprocess:
-            self._functions.append((gauge, read))
+        if self.multiprocess:  # the newest reader replaces the gauge's last one, as set_function does
+            self._functions = [(g, old) for g, old in self._functions if g is not gauge] + [(gauge, read)]
         else:
             gauge.set_function(read)
 
@@ -183,6 +183,7 @@ class ModelMetrics:
         self.abstain = metrics.abstentions.labels(model, version).inc
         self._drift: dict[str, Gauge] = {}  # signal -> its scs_drift_psi child (watch_drift)
         self._levels: list = []  # priority level (1 first) -> (its wait's observe, its depth gauge) (watch_levels)
+        self._level_rejects: dict[tuple[int, str], Callable[[], None]] = {}  # (level, reason) -> its counter's inc
         self._cache_gauges: list[Gauge] = []  # the response cache's bytes and entries (watch_cache)
 
     def watch_cache(self, cache) -> None:
@@ -212,7 +213,7 @@ class ModelMetrics:
             m.bind(depth, lambda level=level: level.size)
             self._levels.append((m.level_wait.labels(*labels, priority).observe, depth))
             for reason in ("queue_full", "deadline_exceeded"):
-                m.level_rejections.labels(*labels, priority, reason)
+                self._level_rejects[(level.priority, reason)] = m.level_rejections.labels(*labels, priority, reason).inc
 
     def observe_dispatch(self, waits: Sequence[float], priorities: Sequence[int] = ()) -> None:
         """A batch leaves the queue: how long each of its sentences waited, and at which priority level."""
@@ -235,7 +236,7 @@ class ModelMetrics:
     def reject(self, reason: str, priority: int | None = None) -> None:
         self.metrics.reject(reason, self.model, self.version)
         if priority is not None and self._levels:
-            self.metrics.level_rejections.labels(self.model, self.version, str(priority), reason).inc()
+            self._level_rejects[(priority, reason)]()
 
     def watch_drift(self, monitor) -> None:
         """``scs_drift_psi`` per signal reads the monitor (at scrape time)."""

@@ -238,16 +238,17 @@ class Repository:
 
     # --- serving ----------------------------------------------------------------------------------------------
 
-    def route(self, model: str | None = None, version: str | None = None) -> Engine:
+    def route(self, model: str | None = None, version: str | None = None, canary: bool = False) -> Engine:
         """The engine for a request: ``model`` (default: the default model) at ``version`` (default: its newest
-        served). Raises a 404 ``ServiceError`` for an unknown model or a version not served."""
+        served; with ``canary``, an inference request, a candidate in its canary takes its share). Raises a 404
+        ``ServiceError`` for an unknown model or a version not served."""
         name = model or self.default_model
         versions = self.engines.get(name)
         if not versions:
             raise not_found(f"model {name[:100]!r} is not served (served: {', '.join(sorted(self.engines)) or 'none'})")
         if version is None:
             live = versions[max(versions)]
-            if self.candidates:  # one dict lookup more, only while some model has a candidate
+            if canary and self.candidates:  # one dict lookup more, only while some model has a candidate
                 candidate = self.candidates.get(name)
                 if candidate is not None and candidate.stage == "canary":
                     return candidate.pick(live)  # the whole request, one version
